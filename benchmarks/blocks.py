@@ -1,0 +1,88 @@
+"""The contenders, built once for the benchmarks: the eager heykeetae-style block (bmm, softmax,
+bmm), the same block on F.scaled_dot_product_attention(scale=1.0), and sagan_ext's fused block,
+all sharing one set of weights. Also the FLOP count and a peak-memory probe."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import sagan_ext
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make(batch, channels, size, device="cpu", dtype=torch.float32, backend="auto", seed=0):
+    torch.manual_seed(seed)
+    block = sagan_ext.FusedSelfAttention(channels, backend=backend).to(device, dtype)
+    with torch.no_grad():
+        block.gamma.fill_(0.5)
+    x = torch.randn(batch, channels, size, size, device=device, dtype=dtype, requires_grad=True)
+    return block, x
+
+
+def eager(block, x):
+    b, c, h, w = x.shape
+    q = block.query_conv(x).view(b, -1, h * w).permute(0, 2, 1)
+    k = block.key_conv(x).view(b, -1, h * w)
+    attention = torch.softmax(torch.bmm(q, k), dim=-1)  # (B, N, N)
+    v = block.value_conv(x).view(b, -1, h * w)
+    return block.gamma * torch.bmm(v, attention.permute(0, 2, 1)).view(b, c, h, w) + x
+
+
+def sdpa(block, x):
+    q, k, v = (conv(x).flatten(2).transpose(1, 2).unsqueeze(1)
+               for conv in (block.query_conv, block.key_conv, block.value_conv))
+    o = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # SAGAN scores are unscaled
+    return block.gamma * o.squeeze(1).transpose(1, 2).reshape(x.shape) + x
+
+
+def fused(block, x):
+    return block(x)
+
+
+CONTENDERS = {"eager": eager, "sdpa": sdpa, "fused": fused}
+
+
+def attention_flops(batch, channels, size, backward=True):
+    """Useful work of the paper block (no recomputation counted): QK^T and PV forward, and dV,
+    dP, dQ, dK backward, plus the three 1x1 projections (and their two gradients)."""
+    n = size * size
+    dk, dv = channels // 8, channels
+    core = 2 * batch * n * n * (dk + dv)
+    proj = 2 * batch * n * channels * (2 * dk + dv)
+    return (core + proj) * (3 if backward else 1)
+
+
+_PROBE = r"""
+import json, sys, torch
+sys.path.insert(0, {bench!r})
+import blocks
+block, x = blocks.make({batch}, {channels}, {size})
+grad = torch.randn_like(x)
+fn = blocks.CONTENDERS[{name!r}]
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+base = rss("VmRSS")
+fn(block, x).backward(grad)
+print(json.dumps({{"peak_extra_bytes": rss("VmHWM") - base}}))
+"""
+
+
+def cpu_peak_extra_bytes(name, batch, channels, size):
+    """Peak resident memory above the inputs for one forward+backward, in a fresh process (so no
+    allocator cache from earlier cases hides it). None if the probe fails (OOM, say)."""
+    code = _PROBE.format(bench=str(Path(__file__).parent), name=name, batch=batch, channels=channels, size=size)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    if done.returncode != 0:
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_extra_bytes"]

@@ -1,0 +1,14 @@
+"""sagan_ext: fused SAGAN self-attention and spectral norm for PyTorch, with CPU (C++), CUDA,
+Triton and plain-PyTorch reference backends behind one API."""
+from . import backends, ops  # ops registers the sagan_ext:: operators
+from .attention import FusedSelfAttention, self_attention
+from .backends import available_backends
+from .spectral_norm import (remove_spectral_norm, sigma, spectral_norm, spectral_norm_sigmas,
+                            spectral_normalize)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FusedSelfAttention", "self_attention", "spectral_norm", "remove_spectral_norm", "spectral_normalize",
+    "sigma", "spectral_norm_sigmas", "available_backends", "__version__",
+]

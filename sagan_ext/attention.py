@@ -1,0 +1,97 @@
+"""Fused SAGAN self-attention: the functional operator and the drop-in module."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import _checks, ops, reference
+from .spectral_norm import spectral_norm as apply_spectral_norm
+
+
+def self_attention(
+    x: Tensor, query_weight: Tensor, key_weight: Tensor, value_weight: Tensor, gamma: Tensor, *,
+    query_bias: Optional[Tensor] = None, key_bias: Optional[Tensor] = None, value_bias: Optional[Tensor] = None,
+    out_weight: Optional[Tensor] = None, pool: bool = False, backend: str = "auto",
+) -> Tensor:
+    """out = x + gamma * Wo(softmax(q k^T) v), q = Wq x + bq, k = Wk x + bk, v = Wv x + bv (1x1 convs;
+    weights as (out, in) or (out, in, 1, 1)), unscaled scores, keys/values 2x2 max-pooled if `pool`.
+    Never materialises the N x N map (backends other than "reference")."""
+    wq, wk, wv = (_checks.as_matrix(n, t) for n, t in
+                  (("query_weight", query_weight), ("key_weight", key_weight), ("value_weight", value_weight)))
+    wo = None if out_weight is None else _checks.as_matrix("out_weight", out_weight)
+    _checks.check_attention(x, wq, query_bias, wk, key_bias, wv, value_bias, wo, gamma, pool)
+    out, _, _ = ops.attention_forward(x, wq, query_bias, wk, key_bias, wv, value_bias, wo, gamma, pool, backend)
+    return out
+
+
+def _weight(conv: nn.Conv2d) -> Tensor:
+    """The conv's effective weight, running its forward pre-hooks (spectral norm: sagan_ext's or
+    torch's) since the fused op reads the weight without calling the conv."""
+    for hook in conv._forward_pre_hooks.values():
+        hook(conv, ())
+    return conv.weight
+
+
+class FusedSelfAttention(nn.Module):
+    """Drop-in SAGAN self-attention block.
+
+    variant="sagan" (the paper / heykeetae `Self_Attn`): query_conv, key_conv (C -> C/qk_reduction),
+    value_conv (C -> C), all with bias; gamma of shape (1,), initialised to 0.
+    variant="biggan" (the official TF code / BigGAN-PyTorch `Attention`): theta, phi (C -> C/qk_reduction),
+    g (C -> C/v_reduction), o (C/v_reduction -> C), no biases, keys/values 2x2 max-pooled; gamma a scalar.
+    State dicts of those modules load unchanged.
+    """
+
+    def __init__(self, in_channels: int, variant: str = "sagan", *, spectral_norm: bool = False,
+                 backend: str = "auto", qk_reduction: int = 8, v_reduction: Optional[int] = None):
+        super().__init__()
+        if variant not in ("sagan", "biggan"):
+            raise ValueError(f"variant must be 'sagan' or 'biggan', got {variant!r}")
+        if v_reduction is None:
+            v_reduction = 1 if variant == "sagan" else 2
+        if variant == "sagan" and v_reduction != 1:
+            raise ValueError("variant='sagan' has value channels = in_channels (v_reduction=1); use variant='biggan'")
+        for name, r in (("qk_reduction", qk_reduction), ("v_reduction", v_reduction)):
+            if not isinstance(in_channels, int) or in_channels <= 0 or in_channels % r:
+                raise ValueError(f"in_channels={in_channels!r} must be a positive int divisible by {name}={r}")
+        self.in_channels, self.variant, self.backend = in_channels, variant, backend
+        dk, dv = in_channels // qk_reduction, in_channels // v_reduction
+        conv = lambda i, o, bias: nn.Conv2d(i, o, kernel_size=1, bias=bias)  # noqa: E731
+        if variant == "sagan":
+            self.query_conv, self.key_conv, self.value_conv = conv(in_channels, dk, True), conv(in_channels, dk, True), conv(in_channels, dv, True)
+            self.gamma = nn.Parameter(torch.zeros(1))
+        else:
+            self.theta, self.phi = conv(in_channels, dk, False), conv(in_channels, dk, False)
+            self.g, self.o = conv(in_channels, dv, False), conv(dv, in_channels, False)
+            self.gamma = nn.Parameter(torch.tensor(0.0))
+        if spectral_norm:
+            for m in self._convs():
+                apply_spectral_norm(m, backend=backend)
+
+    def _convs(self) -> list[nn.Conv2d]:
+        if self.variant == "sagan":
+            return [self.query_conv, self.key_conv, self.value_conv]
+        return [self.theta, self.phi, self.g, self.o]
+
+    def _arguments(self):
+        convs = self._convs()
+        weights = [_weight(c).flatten(1) for c in convs]
+        biases = [c.bias for c in convs[:3]]
+        wo = weights[3] if len(weights) == 4 else None
+        return weights[0], biases[0], weights[1], biases[1], weights[2], biases[2], wo
+
+    def forward(self, x: Tensor, return_attention: bool = False):
+        wq, bq, wk, bk, wv, bv, wo = self._arguments()
+        pool = self.variant == "biggan"
+        out = self_attention(x, wq, wk, wv, self.gamma, query_bias=bq, key_bias=bk, value_bias=bv,
+                             out_weight=wo, pool=pool, backend=self.backend)
+        if not return_attention:
+            return out
+        with torch.no_grad():  # (B, N, N_keys), for visualisation only
+            attention = reference.attention_map(x, wq, bq, wk, bk, wv, bv, pool)
+        return out, attention
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, variant={self.variant!r}, backend={self.backend!r}"

@@ -1,0 +1,137 @@
+"""Backends: the kernels behind the public operators. Each says what it supports; `select` picks
+one for an input and, when none fits, says why each was refused.
+
+A backend implements four kernels on position-major tensors (see reference.py):
+  attention_forward(q, k, v) -> (o, lse)
+  attention_backward(do, q, k, v, o, lse) -> (dq, dk, dv)
+  spectral_norm_forward(w, u, v, iterations, eps) -> (w / sigma, sigma)   # w is (h, w); u, v updated in place
+  spectral_norm_backward(g, grad_sigma, w_sn, u, v, sigma) -> dw
+Everything around them (projections, pooling, residual, weight views) is shared, in ops.py.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from . import _build, reference
+
+FLOATING = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+class Backend:
+    name: str = ""
+    devices: tuple[str, ...] = ()
+    dtypes: tuple[torch.dtype, ...] = FLOATING
+
+    def unavailable(self) -> Optional[str]:
+        """Why this backend cannot run on this machine at all (None if it can)."""
+        return None
+
+    def refusal(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        if device.type not in self.devices:
+            return f"runs on {'/'.join(self.devices)} tensors, not {device.type}"
+        if dtype not in self.dtypes:
+            return f"does not support {dtype}"
+        return self.unavailable()
+
+
+class ReferenceBackend(Backend):
+    """The plain-PyTorch definition: any device, materialises the N x M map."""
+
+    name, devices = "reference", ("cpu", "cuda")
+
+    attention_forward = staticmethod(reference.attention_core)
+    attention_backward = staticmethod(reference.attention_core_backward)
+
+    @staticmethod
+    def spectral_norm_forward(w, u, v, iterations, eps):
+        return reference.spectral_norm(w, u, v, 0, iterations, eps, True)
+
+    @staticmethod
+    def spectral_norm_backward(g, grad_sigma, w_sn, u, v, sigma):
+        return reference.spectral_norm_backward(g, grad_sigma, w_sn, u, v, sigma, 0)
+
+
+class CpuBackend(Backend):
+    """C++ kernels (csrc/cpu). fp32/fp64 natively; bf16/fp16 are computed in fp32."""
+
+    name, devices = "cpu", ("cpu",)
+
+    def unavailable(self):
+        return _build.load("cpu")
+
+    @staticmethod
+    def _native(*tensors):
+        return [t if t.dtype in (torch.float32, torch.float64) else t.float() for t in tensors]
+
+    def attention_forward(self, q, k, v):
+        o, lse = torch.ops.sagan_ext_cpu.attention_forward(*self._native(q, k, v))
+        return o.to(q.dtype), lse
+
+    def attention_backward(self, do, q, k, v, o, lse):
+        grads = torch.ops.sagan_ext_cpu.attention_backward(*self._native(do, q, k, v, o), lse)
+        return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
+
+    def spectral_norm_forward(self, w, u, v, iterations, eps):
+        if w.dtype not in (torch.float32, torch.float64):  # low-precision weights: fp32 math
+            u32, v32 = u.float(), v.float()
+            w_sn, sigma = torch.ops.sagan_ext_cpu.spectral_norm_forward(w.float(), u32, v32, iterations, eps)
+            u.copy_(u32), v.copy_(v32)
+            return w_sn.to(w.dtype), sigma.to(w.dtype)
+        return torch.ops.sagan_ext_cpu.spectral_norm_forward(w, u, v, iterations, eps)
+
+    def spectral_norm_backward(self, g, grad_sigma, w_sn, u, v, sigma):
+        dtype = w_sn.dtype
+        g, w_sn = self._native(g, w_sn)
+        dw = torch.ops.sagan_ext_cpu.spectral_norm_backward(
+            g, grad_sigma.to(w_sn.dtype), w_sn, u.to(w_sn.dtype), v.to(w_sn.dtype), sigma.to(w_sn.dtype))
+        return dw.to(dtype)
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), CpuBackend())}
+
+# Fastest first, per device. The reference always serves, so "auto" never fails.
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+def register(backend: Backend) -> None:
+    BACKENDS[backend.name] = backend
+
+
+def names() -> tuple[str, ...]:
+    return ("auto", "reference", "cpu", "cuda", "triton")
+
+
+def select(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """The backend that will run an input on `device` with `dtype`, or ValueError saying why not."""
+    if name not in names():
+        raise ValueError(f"backend must be one of {names()}, got {name!r}")
+    if name != "auto":
+        backend = BACKENDS.get(name)
+        reason = backend.refusal(device, dtype) if backend else _missing_reason(name)
+        if reason:
+            raise ValueError(f"backend={name!r} cannot run a {dtype} input on {device}: {reason}")
+        return backend
+    refusals = []
+    for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+        backend = BACKENDS.get(candidate)
+        reason = backend.refusal(device, dtype) if backend else _missing_reason(candidate)
+        if reason is None:
+            return backend
+        refusals.append(f"{candidate}: {reason}")
+    raise ValueError(f"no backend can run a {dtype} input on {device}: " + "; ".join(refusals))
+
+
+def _missing_reason(name: str) -> str:
+    return f"this version of sagan_ext has no {name} kernels yet"
+
+
+def available_backends() -> dict[str, Optional[str]]:
+    """{backend: None if it works on this machine, else the reason it does not}."""
+    status = {}
+    for name in names()[1:]:
+        backend = BACKENDS.get(name)
+        status[name] = backend.unavailable() if backend else _missing_reason(name)
+    return status

@@ -1,0 +1,191 @@
+"""The public operators, registered with torch.library so that torch.compile and opcheck see them:
+a schema, a fake (shape-only) implementation and the autograd formula, for each op, in one place.
+
+sagan_ext::attention_forward / attention_backward: the whole self-attention block. The shared
+composition (1x1 projections, pooling, residual, projection gradients) lives here once; the
+backend runs only the attention core, which never materialises the N x N map.
+
+sagan_ext::spectral_norm / spectral_norm_backward: functional, returning the power-iterated u and
+v; the Python wrappers copy them into the module's buffers. (torch.library refuses autograd for
+ops whose schema mutates inputs, so the in-place update sits just outside the op.)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import reference
+from .backends import select
+
+# ----------------------------------------------------------------------------------------------
+# attention
+
+
+@torch.library.custom_op("sagan_ext::attention_forward", mutates_args=())
+def attention_forward(
+    x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
+    wv: Tensor, bv: Optional[Tensor], wo: Optional[Tensor], gamma: Tensor, pool: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (out, o, lse): out = x + gamma * Wo(o); o (B, N, dv) and lse (B, N) for the backward."""
+    kernels = select(backend, x.device, x.dtype)
+    q, k, v = reference.project(x, wq, bq, wk, bk, wv, bv, pool)
+    o, lse = kernels.attention_forward(q, k, v)
+    y = o if wo is None else F.linear(o, wo)
+    out = torch.empty_like(x)
+    torch.addcmul(x, gamma.reshape(()), y.transpose(1, 2).reshape(x.shape), out=out)
+    return out, o, lse
+
+
+@attention_forward.register_fake
+def _(x, wq, bq, wk, bk, wv, bv, wo, gamma, pool, backend):
+    b, _, h, w = x.shape
+    n = h * w
+    return (torch.empty_like(x), x.new_empty((b, n, wv.shape[0])),
+            x.new_empty((b, n), dtype=reference.accumulation_dtype(x.dtype)))
+
+
+def _pool_with_indices(t: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    grid = t.transpose(1, 2).unflatten(2, (height, width))
+    pooled, indices = F.max_pool2d(grid, kernel_size=2, return_indices=True)
+    return reference.positions(pooled), indices
+
+
+def _unpool(grad: Tensor, indices: Tensor, height: int, width: int) -> Tensor:
+    grid = grad.transpose(1, 2).unflatten(2, indices.shape[-2:])
+    full = F.max_unpool2d(grid, indices, kernel_size=2, output_size=(height, width))
+    return reference.positions(full)
+
+
+@torch.library.custom_op("sagan_ext::attention_backward", mutates_args=())
+def attention_backward(
+    grad_out: Tensor, x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
+    wv: Tensor, bv: Optional[Tensor], wo: Optional[Tensor], gamma: Tensor, o: Tensor, lse: Tensor,
+    pool: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dgamma); an absent input gets an empty tensor."""
+    kernels = select(backend, x.device, x.dtype)
+    h, w = x.shape[-2:]
+    xt, g = reference.positions_contiguous(x), reference.positions_contiguous(grad_out)  # (B, N, C)
+    # Recompute the projections (one GEMM each) rather than keep them alive since the forward.
+    q, k, v = F.linear(xt, wq, bq), F.linear(xt, wk, bk), F.linear(xt, wv, bv)
+    if pool:
+        (k, k_idx), (v, v_idx) = _pool_with_indices(k, h, w), _pool_with_indices(v, h, w)
+    y = o if wo is None else F.linear(o, wo)
+    acc = reference.accumulation_dtype(x.dtype)
+    dgamma = (g.to(acc) * y.to(acc)).sum().reshape(gamma.shape).to(gamma.dtype)
+    dy = g * gamma.reshape(()).to(g.dtype)
+    if wo is None:
+        do, dwo = dy, x.new_empty(0)
+    else:
+        dwo = torch.einsum("bnc,bnd->cd", dy, o)
+        do = dy @ wo
+    dq, dk, dv = kernels.attention_backward(do, q, k, v, o, lse)
+    if pool:
+        dk, dv = _unpool(dk, k_idx, h, w), _unpool(dv, v_idx, h, w)
+    dproj = torch.cat([dq, dk, dv], dim=-1)  # one GEMM each for dx and the three weights
+    dw_all = torch.einsum("bnp,bnc->pc", dproj, xt)
+    dwq, dwk, dwv = dw_all.split([wq.shape[0], wk.shape[0], wv.shape[0]])
+    dx = torch.empty_like(x)
+    reference.positions(dx).copy_(torch.addmm(g.flatten(0, 1), dproj.flatten(0, 1), torch.cat([wq, wk, wv])).view_as(g))
+    bias_grad = lambda b, d: x.new_empty(0) if b is None else d.sum((0, 1))  # noqa: E731
+    # split() gives views of one buffer; outputs of a custom op must not alias each other
+    return (dx, dwq.clone(), bias_grad(bq, dq), dwk.clone(), bias_grad(bk, dk),
+            dwv.clone(), bias_grad(bv, dv), dwo, dgamma)
+
+
+@attention_backward.register_fake
+def _(grad_out, x, wq, bq, wk, bk, wv, bv, wo, gamma, o, lse, pool, backend):
+    like = lambda t: x.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
+    return (torch.empty_like(x), like(wq), like(bq), like(wk), like(bk), like(wv), like(bv), like(wo),
+            torch.empty_like(gamma))
+
+
+def _attention_setup_context(ctx, inputs, output):
+    x, wq, bq, wk, bk, wv, bv, wo, gamma, pool, backend = inputs
+    _, o, lse = output
+    ctx.save_for_backward(x, wq, bq, wk, bk, wv, bv, wo, gamma, o, lse)
+    ctx.pool, ctx.backend = pool, backend
+    ctx.present = [t is not None for t in (bq, bk, bv, wo)]
+
+
+def _attention_autograd(ctx, grad_out, _grad_o, _grad_lse):
+    grads = attention_backward(grad_out, *ctx.saved_tensors, ctx.pool, ctx.backend)
+    dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dgamma = grads
+    has_bq, has_bk, has_bv, has_wo = ctx.present
+    return (dx, dwq, dbq if has_bq else None, dwk, dbk if has_bk else None, dwv,
+            dbv if has_bv else None, dwo if has_wo else None, dgamma, None, None)
+
+
+torch.library.register_autograd(
+    "sagan_ext::attention_forward", _attention_autograd, setup_context=_attention_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# spectral norm
+
+
+@torch.library.custom_op("sagan_ext::spectral_norm", mutates_args=())
+def spectral_norm(
+    weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float,
+    training: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(weight / sigma, sigma, u', v'): u', v' are u, v after power iteration (copies if none ran)."""
+    kernels = select(backend, weight.device, weight.dtype)
+    u_new, v_new = u.clone(), v.clone()
+    w_sn, sigma = kernels.spectral_norm_forward(
+        reference.weight_matrix(weight, dim), u_new, v_new, n_power_iterations if training else 0, eps)
+    if dim != 0:
+        moved = list(weight.shape)
+        moved.insert(0, moved.pop(dim))
+        return w_sn.reshape(moved).movedim(0, dim).contiguous(), sigma, u_new, v_new
+    return w_sn.reshape(weight.shape), sigma, u_new, v_new
+
+
+@spectral_norm.register_fake
+def _(weight, u, v, dim, n_power_iterations, eps, training, backend):
+    return (torch.empty_like(weight, memory_format=torch.contiguous_format), weight.new_empty(()),
+            torch.empty_like(u), torch.empty_like(v))
+
+
+@torch.library.custom_op("sagan_ext::spectral_norm_backward", mutates_args=())
+def spectral_norm_backward(
+    grad_weight_sn: Tensor, grad_sigma: Tensor, weight_sn: Tensor, u: Tensor, v: Tensor, sigma: Tensor,
+    dim: int, backend: str,
+) -> Tensor:
+    kernels = select(backend, weight_sn.device, weight_sn.dtype)
+    g = reference.weight_matrix(grad_weight_sn, dim)
+    dw = kernels.spectral_norm_backward(g, grad_sigma, reference.weight_matrix(weight_sn, dim), u, v, sigma)
+    if dim != 0:
+        moved = list(weight_sn.shape)
+        moved.insert(0, moved.pop(dim))
+        return dw.reshape(moved).movedim(0, dim).contiguous()
+    return dw.reshape(weight_sn.shape)
+
+
+@spectral_norm_backward.register_fake
+def _(grad_weight_sn, grad_sigma, weight_sn, u, v, sigma, dim, backend):
+    return torch.empty_like(weight_sn, memory_format=torch.contiguous_format)
+
+
+def _sn_setup_context(ctx, inputs, output):
+    weight, u, v, dim, n_power_iterations, eps, training, backend = inputs
+    w_sn, sigma, u_new, v_new = output
+    ctx.save_for_backward(w_sn, sigma, u_new, v_new)
+    ctx.dim, ctx.backend = dim, backend
+    ctx.mark_non_differentiable(u_new, v_new)
+
+
+def _sn_autograd(ctx, grad_w_sn, grad_sigma, _gu, _gv):
+    w_sn, sigma, u, v = ctx.saved_tensors
+    if grad_w_sn is None:
+        grad_w_sn = torch.zeros_like(w_sn)
+    if grad_sigma is None:
+        grad_sigma = torch.zeros_like(sigma)
+    dw = spectral_norm_backward(grad_w_sn, grad_sigma, w_sn, u, v, sigma, ctx.dim, ctx.backend)
+    return dw, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("sagan_ext::spectral_norm", _sn_autograd, setup_context=_sn_setup_context)

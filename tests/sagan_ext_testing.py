@@ -1,0 +1,42 @@
+"""Shared test helpers: random block inputs and their gradients through a backend or the reference."""
+import torch
+
+import sagan_ext
+from sagan_ext import reference
+
+
+def attention_inputs(variant, b, c, h, w, dtype=torch.float64, qk_reduction=8):
+    """Fresh random leaf tensors (weights scaled like a 1x1 conv's init; gamma non-zero)."""
+    dk = max(c // qk_reduction, 1)
+    dv = c if variant == "sagan" else c // 2
+    rand = lambda *s, scale=1.0: (torch.randn(*s, dtype=torch.float64) * scale).to(dtype).requires_grad_()  # noqa: E731
+    inputs = dict(x=rand(b, c, h, w), wq=rand(dk, c, scale=c ** -0.5), wk=rand(dk, c, scale=c ** -0.5),
+                  wv=rand(dv, c, scale=c ** -0.5))
+    if variant == "sagan":
+        inputs.update(bq=rand(dk, scale=0.1), bk=rand(dk, scale=0.1), bv=rand(dv, scale=0.1))
+    else:
+        inputs["wo"] = rand(c, dv, scale=dv ** -0.5)
+    inputs["gamma"] = (torch.tensor([0.8], dtype=torch.float64).to(dtype)).requires_grad_()
+    return inputs
+
+
+def _call(inputs, fn):
+    return fn(inputs["x"], inputs["wq"], inputs.get("bq"), inputs["wk"], inputs.get("bk"), inputs["wv"],
+              inputs.get("bv"), inputs.get("wo"), inputs["gamma"], "wo" in inputs)
+
+
+def _grads(out, inputs, seed=1):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
+    grads = torch.autograd.grad(out, list(inputs.values()), g)
+    return out.detach(), dict(zip(inputs, grads))
+
+
+def attention_grads(inputs, backend):
+    def fused(x, wq, bq, wk, bk, wv, bv, wo, gamma, pool):
+        return sagan_ext.self_attention(x, wq, wk, wv, gamma, query_bias=bq, key_bias=bk, value_bias=bv,
+                                        out_weight=wo, pool=pool, backend=backend)
+    return _grads(_call(inputs, fused), inputs)
+
+
+def reference_grads(inputs):
+    return _grads(_call(inputs, reference.self_attention), inputs)

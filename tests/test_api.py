@@ -1,0 +1,104 @@
+"""The public API's contract: argument errors, backend choice, torch.library registration."""
+import pytest
+import torch
+from torch import nn
+
+import sagan_ext
+from sagan_ext import ops
+
+from conftest import CPU_BACKENDS
+from sagan_ext_testing import attention_inputs
+
+
+def _call(x=None, **over):
+    inputs = {k: v.detach() for k, v in attention_inputs("sagan", 2, 16, 4, 4, dtype=torch.float32).items()}
+    inputs.update(over)
+    x = inputs["x"] if x is None else x
+    return sagan_ext.self_attention(x, inputs["wq"], inputs["wk"], inputs["wv"], inputs["gamma"],
+                                    query_bias=inputs["bq"], key_bias=inputs["bk"], value_bias=inputs["bv"],
+                                    **{k: v for k, v in over.items() if k in ("backend", "pool", "out_weight")})
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(x=torch.randn(2, 16, 16)), ValueError, "x must be a 4-D"),
+    (dict(x=torch.randint(0, 3, (2, 16, 4, 4))), TypeError, "x must be a floating-point"),
+    (dict(x=torch.randn(0, 16, 4, 4)), ValueError, "x must not be empty"),
+    (dict(x=torch.randn(2, 12, 4, 4)), ValueError, r"query_weight must have shape \(out_channels, 12\)"),
+    (dict(wk=torch.randn(3, 16)), ValueError, "key_weight must have shape"),
+    (dict(wv=torch.randn(8, 16)), ValueError, "value_weight must have 16 output channels"),
+    (dict(bq=torch.randn(3)), ValueError, "query_bias must have shape"),
+    (dict(wq=torch.randn(2, 16, dtype=torch.float64)), TypeError, "query_weight has dtype"),
+    (dict(gamma=torch.zeros(2)), ValueError, "gamma must hold a single value"),
+    (dict(wq=torch.randn(2, 16, 3, 3)), ValueError, "query_weight must be a"),
+    (dict(backend="tpu"), ValueError, "backend must be one of"),
+    (dict(backend="cuda"), ValueError, "backend='cuda' cannot run"),
+    (dict(x=torch.randn(2, 16, 1, 4), pool=True, out_weight=torch.randn(16, 16)), ValueError, "height and width >= 2"),
+])
+def test_bad_attention_inputs_name_the_argument(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        _call(**kwargs)
+
+
+def test_device_mismatch_is_a_value_error():
+    meta = torch.empty(2, 16, device="meta")
+    with pytest.raises(ValueError, match="query_weight is on meta but x is on cpu"):
+        _call(wq=meta)
+
+
+def test_module_constructor_errors():
+    with pytest.raises(ValueError, match="in_channels=12 must be a positive int divisible by qk_reduction=8"):
+        sagan_ext.FusedSelfAttention(12)
+    with pytest.raises(ValueError, match="variant must be"):
+        sagan_ext.FusedSelfAttention(16, "transformer")
+    with pytest.raises(ValueError, match="divisible by v_reduction=3"):
+        sagan_ext.FusedSelfAttention(16, "biggan", v_reduction=3)
+
+
+def test_available_backends_explain_themselves():
+    status = sagan_ext.available_backends()
+    assert set(status) == {"reference", "cpu", "cuda", "triton"}
+    assert status["reference"] is None and status["cpu"] is None  # the C++ build must work here
+    if not torch.cuda.is_available():
+        assert isinstance(status["cuda"], str) and status["cuda"]
+    from sagan_ext.backends import select
+    assert select("auto", torch.device("cpu"), torch.float32).name == "cpu"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("variant", ["sagan", "biggan"])
+def test_opcheck_attention(backend, variant):
+    inputs = attention_inputs(variant, 2, 16, 4, 6, dtype=torch.float64)
+    x, wq, wk, wv, gamma = (inputs[k] for k in ("x", "wq", "wk", "wv", "gamma"))
+    args = (x, wq, inputs.get("bq"), wk, inputs.get("bk"), wv, inputs.get("bv"), inputs.get("wo"), gamma,
+            variant == "biggan", backend)
+    torch.library.opcheck(ops.attention_forward, args)
+
+
+class TinyDiscriminator(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = sagan_ext.spectral_norm(nn.Conv2d(3, 16, 3, padding=1))
+        self.attention = sagan_ext.FusedSelfAttention(16, spectral_norm=True)
+        self.head = sagan_ext.spectral_norm(nn.Linear(16, 1))
+
+    def forward(self, x):
+        h = self.attention(torch.relu(self.conv(x)))
+        return self.head(h.sum((2, 3)))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    eager = TinyDiscriminator()
+    compiled = TinyDiscriminator()
+    compiled.load_state_dict(eager.state_dict())
+    with torch.no_grad():
+        eager.attention.gamma.fill_(0.5), compiled.attention.gamma.fill_(0.5)
+    step = torch.compile(compiled, fullgraph=True)
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(2):  # two training steps: u, v buffers advance in both
+        y_e, y_c = eager(x), step(x)
+        torch.testing.assert_close(y_c, y_e, rtol=1e-4, atol=1e-5)
+        y_e.sum().backward(), y_c.sum().backward()
+    for (name, p_e), p_c in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(compiled.conv.weight_u, eager.conv.weight_u)
