@@ -36,7 +36,7 @@ setup(
     package_data={"sagan_ext.csrc": ["*.h", "cpu/*.h", "cpu/*.cpp", "cuda/*.h", "cuda/*.cu", "cuda/*.cuh", "cuda/*.cpp"]},
     install_requires=["torch>=2.4", "numpy", "ninja"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+        "test": ["pytest", "pytest-benchmark", "matplotlib", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -17,9 +17,9 @@ import sagan_ext
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def make(batch, channels, size, device="cpu", dtype=torch.float32, backend="auto", seed=0):
+def make(batch, channels, size, device="cpu", dtype=torch.float32, backend="auto", seed=0, variant="sagan"):
     torch.manual_seed(seed)
-    block = sagan_ext.FusedSelfAttention(channels, backend=backend).to(device, dtype)
+    block = sagan_ext.FusedSelfAttention(channels, variant, backend=backend).to(device, dtype)
     with torch.no_grad():
         block.gamma.fill_(0.5)
     x = torch.randn(batch, channels, size, size, device=device, dtype=dtype, requires_grad=True)
@@ -27,6 +27,8 @@ def make(batch, channels, size, device="cpu", dtype=torch.float32, backend="auto
 
 
 def eager(block, x):
+    if block.variant == "biggan":
+        return eager_biggan(block, x)
     b, c, h, w = x.shape
     q = block.query_conv(x).view(b, -1, h * w).permute(0, 2, 1)
     k = block.key_conv(x).view(b, -1, h * w)
@@ -35,11 +37,36 @@ def eager(block, x):
     return block.gamma * torch.bmm(v, attention.permute(0, 2, 1)).view(b, c, h, w) + x
 
 
+def eager_biggan(block, x):
+    """BigGAN-PyTorch's Attention: pooled keys/values, output 1x1 conv."""
+    b, c, h, w = x.shape
+    theta = block.theta(x).flatten(2)
+    phi = F.max_pool2d(block.phi(x), 2).flatten(2)
+    g = F.max_pool2d(block.g(x), 2).flatten(2)
+    beta = torch.softmax(torch.bmm(theta.transpose(1, 2), phi), -1)  # (B, N, N/4)
+    return block.gamma * block.o(torch.bmm(g, beta.transpose(1, 2)).view(b, -1, h, w)) + x
+
+
 def sdpa(block, x):
-    q, k, v = (conv(x).flatten(2).transpose(1, 2).unsqueeze(1)
-               for conv in (block.query_conv, block.key_conv, block.value_conv))
-    o = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # SAGAN scores are unscaled
-    return block.gamma * o.squeeze(1).transpose(1, 2).reshape(x.shape) + x
+    positions = lambda t: t.flatten(2).transpose(1, 2).unsqueeze(1)  # noqa: E731  (B, 1, L, C)
+    if block.variant == "biggan":
+        q, k, v = positions(block.theta(x)), positions(F.max_pool2d(block.phi(x), 2)), positions(F.max_pool2d(block.g(x), 2))
+    else:
+        q, k, v = (positions(conv(x)) for conv in (block.query_conv, block.key_conv, block.value_conv))
+    o = F.scaled_dot_product_attention(q, k, v, scale=1.0).squeeze(1)  # SAGAN scores are unscaled
+    if block.variant == "biggan":
+        return block.gamma * block.o(o.transpose(1, 2).reshape(x.shape[0], -1, *x.shape[2:])) + x
+    return block.gamma * o.transpose(1, 2).reshape(x.shape) + x
+
+
+_compiled = {}
+
+
+def compiled_eager(block, x):
+    """torch.compile of the eager block (inductor), compiled once per block."""
+    if block not in _compiled:
+        _compiled[block] = torch.compile(lambda x: eager(block, x))
+    return _compiled[block](x)
 
 
 def fused(block, x):
@@ -49,13 +76,17 @@ def fused(block, x):
 CONTENDERS = {"eager": eager, "sdpa": sdpa, "fused": fused}
 
 
-def attention_flops(batch, channels, size, backward=True):
-    """Useful work of the paper block (no recomputation counted): QK^T and PV forward, and dV,
-    dP, dQ, dK backward, plus the three 1x1 projections (and their two gradients)."""
+def attention_flops(batch, channels, size, backward=True, variant="sagan"):
+    """Useful work (no recomputation counted): QK^T and PV forward; dV, dP, dQ, dK backward (2x
+    the forward); plus the 1x1 projections (and, backward, their two gradients)."""
     n = size * size
-    dk, dv = channels // 8, channels
-    core = 2 * batch * n * n * (dk + dv)
-    proj = 2 * batch * n * channels * (2 * dk + dv)
+    dk = channels // 8
+    if variant == "sagan":
+        m, dv, proj_out = n, channels, 2 * dk + channels
+    else:
+        m, dv, proj_out = n // 4, channels // 2, dk + channels  # theta, phi, g; plus o: dv -> C
+    core = 2 * batch * n * m * (dk + dv)
+    proj = 2 * batch * n * channels * proj_out
     return (core + proj) * (3 if backward else 1)
 
 

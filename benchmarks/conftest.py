@@ -13,5 +13,23 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["torch_threads"] = torch.get_num_threads()
     machine_info["cuda_device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     machine_info["sagan_ext_backends"] = {k: v or "available" for k, v in sagan_ext.available_backends().items()}
+    machine_info["measured_matmul_gflops"] = _matmul_peak_gflops()
     machine_info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
                                       if ln.startswith("model name")), platform.processor())
+
+
+def _matmul_peak_gflops():
+    """The device's fp32 matrix-product rate through torch, the ceiling for '% of floor'."""
+    import time
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n = 4096 if device == "cuda" else 2048
+    a = torch.randn(n, n, device=device)
+    a @ a
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start, reps = time.perf_counter(), 5
+    for _ in range(reps):
+        a @ a
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9

@@ -7,21 +7,48 @@ import torch
 
 import blocks
 
-# (batch, channels, size): the issue's CPU shapes, and a 128 x 128 map at batch 1.
-SHAPES = [(8, 64, 32), (2, 64, 64), (8, 256, 32)]
+# The reduced grid for a 2-core CPU (a few minutes): (batch, channels, size), N = size^2 from
+# 256 to 4096, C = 64 and 256; the full grid (N to 16384, C to 512, fp16/bf16) is for GPUs.
+SHAPES = [(32, 64, 16), (8, 64, 32), (2, 64, 64), (8, 256, 32)]
 MEMORY_SHAPES = [(2, 64, 64), (1, 64, 128)]
+shape_id = lambda s: "B%d-C%d-%dx%d" % (s[0], s[1], s[2], s[2])  # noqa: E731
+
+
+def _record(benchmark, shape, variant, backward):
+    flops = blocks.attention_flops(*shape, backward=backward, variant=variant)
+    benchmark.extra_info.update(flops=flops, gflops_per_s=flops / benchmark.stats.stats.median / 1e9,
+                                n=shape[2] ** 2, batch=shape[0], channels=shape[1], variant=variant,
+                                mode="fwd+bwd" if backward else "fwd", dtype="float32")
 
 
 @pytest.mark.parametrize("contender", list(blocks.CONTENDERS))
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B%d-C%d-%dx%d" % (s[0], s[1], s[2], s[2]))
-def test_forward_backward(benchmark, contender, shape):
-    block, x = blocks.make(*shape)
+@pytest.mark.parametrize("variant", ["sagan", "biggan"])
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_forward_backward(benchmark, contender, variant, shape):
+    block, x = blocks.make(*shape, variant=variant)
     grad = torch.randn_like(x)
     fn = blocks.CONTENDERS[contender]
     benchmark.pedantic(lambda: fn(block, x).backward(grad), rounds=5, warmup_rounds=1)
-    flops = blocks.attention_flops(*shape)
-    benchmark.extra_info.update(flops=flops, gflops_per_s=flops / benchmark.stats.stats.median / 1e9,
-                                n=shape[2] ** 2)
+    _record(benchmark, shape, variant, True)
+
+
+@pytest.mark.parametrize("contender", list(blocks.CONTENDERS) + ["compiled_eager"])
+@pytest.mark.parametrize("shape", [(8, 64, 32)], ids=shape_id)
+def test_forward(benchmark, contender, shape):
+    block, x = blocks.make(*shape)
+    fn = getattr(blocks, contender) if contender == "compiled_eager" else blocks.CONTENDERS[contender]
+    with torch.no_grad():
+        benchmark.pedantic(lambda: fn(block, x), rounds=5, warmup_rounds=2)
+    _record(benchmark, shape, "sagan", False)
+
+
+@pytest.mark.parametrize("shape", [(8, 64, 32)], ids=shape_id)
+def test_forward_backward_compiled_eager(benchmark, shape):
+    """torch.compile of the eager block: the anchor a user gets for free."""
+    block, x = blocks.make(*shape)
+    grad = torch.randn_like(x)
+    benchmark.pedantic(lambda: blocks.compiled_eager(block, x).backward(grad), rounds=5, warmup_rounds=2)
+    _record(benchmark, shape, "sagan", True)
 
 
 @pytest.mark.parametrize("contender", list(blocks.CONTENDERS))

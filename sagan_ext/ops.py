@@ -73,15 +73,13 @@ def attention_backward(
     q, k, v = F.linear(xt, wq, bq), F.linear(xt, wk, bk), F.linear(xt, wv, bv)
     if pool:
         (k, k_idx), (v, v_idx) = _pool_with_indices(k, h, w), _pool_with_indices(v, h, w)
-    y = o if wo is None else F.linear(o, wo)
+    # out = x + gamma * y with y = o Wo^T: dgamma = <g, y> = <g Wo, o>, so the product g Wo that
+    # the backward needs anyway also gives dgamma, with no recomputation of y.
+    g_o = g if wo is None else g @ wo  # (B, N, dv)
     acc = reference.accumulation_dtype(x.dtype)
-    dgamma = (g.to(acc) * y.to(acc)).sum().reshape(gamma.shape).to(gamma.dtype)
-    dy = g * gamma.reshape(()).to(g.dtype)
-    if wo is None:
-        do, dwo = dy, x.new_empty(0)
-    else:
-        dwo = torch.einsum("bnc,bnd->cd", dy, o)
-        do = dy @ wo
+    dgamma = (g_o.to(acc) * o.to(acc)).sum().reshape(gamma.shape).to(gamma.dtype)
+    do = g_o * gamma.reshape(()).to(g.dtype)
+    dwo = x.new_empty(0) if wo is None else torch.einsum("bnc,bnd->cd", g, o) * gamma.reshape(()).to(g.dtype)
     dq, dk, dv = kernels.attention_backward(do, q, k, v, o, lse)
     if pool:
         dk, dv = _unpool(dk, k_idx, h, w), _unpool(dv, v_idx, h, w)

@@ -1,0 +1,124 @@
+"""Turn a pytest-benchmark JSON into a Markdown table and PNG plots.
+
+    pytest benchmarks/ --benchmark-only --benchmark-json=benchmarks/results/cpu.json
+    python benchmarks/report.py benchmarks/results/cpu.json      # -> cpu.md, cpu_time.png, cpu_memory.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+ANCHORS = ("eager", "sdpa", "compiled_eager")
+
+
+def _shape(params):
+    b, c, s = params["shape"]
+    return b, c, s
+
+
+def load(path: Path):
+    data = json.loads(path.read_text())
+    timing, memory = defaultdict(dict), defaultdict(dict)  # key -> contender -> record
+    for bench in data["benchmarks"]:
+        params, info = bench.get("params") or {}, bench.get("extra_info", {})
+        name = bench["name"].split("[")[0]
+        if name == "test_peak_memory":
+            memory[_shape(params)][params["contender"]] = info.get("peak_extra_mib")
+        elif name.startswith("test_forward"):
+            contender = params.get("contender", "compiled_eager")
+            key = (info.get("mode"), info.get("variant"), _shape(params))
+            timing[key][contender] = dict(ms=bench["stats"]["median"] * 1e3, gflops=info.get("gflops_per_s"))
+        elif name == "test_all_layers_forward_backward":
+            timing[("spectral norm", "all SAGAN layers", (0, 0, 0))][params["impl"]] = dict(
+                ms=bench["stats"]["median"] * 1e3, gflops=None)
+    return data["machine_info"], timing, memory
+
+
+def markdown(machine, timing, memory) -> str:
+    peak = machine.get("measured_matmul_gflops")
+    lines = [f"Device: {machine.get('cuda_device') or machine.get('cpu_model')}; torch {machine.get('torch')}, "
+             f"{machine.get('torch_threads')} threads; measured fp32 matmul peak "
+             f"{peak:.0f} GFLOP/s" if peak else "", ""]
+    lines += ["| mode | variant | (B, C, H=W) | eager ms | SDPA ms | compiled eager ms | fused ms | fused vs eager | "
+              "fused vs SDPA | fused GFLOP/s | % of matmul peak |", "|" + " --- |" * 11]
+    for (mode, variant, shape), runs in sorted(timing.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]), kv[0][2])):
+        if mode == "spectral norm":
+            continue
+        fused = runs.get("fused")
+        cell = lambda k: f"{runs[k]['ms']:.1f}" if k in runs else "-"  # noqa: E731
+        ratio = lambda k: f"{runs[k]['ms'] / fused['ms']:.2f}x" if fused and k in runs else "-"  # noqa: E731
+        gf = fused["gflops"] if fused else None
+        lines.append(f"| {mode} | {variant} | {shape} | {cell('eager')} | {cell('sdpa')} | {cell('compiled_eager')} | "
+                     f"{cell('fused')} | {ratio('eager')} | {ratio('sdpa')} | {gf:.0f} | "
+                     f"{100 * gf / peak:.0f}% |" if gf and peak else f"| {mode} | {variant} | {shape} | {cell('eager')} | "
+                     f"{cell('sdpa')} | {cell('compiled_eager')} | {cell('fused')} | {ratio('eager')} | {ratio('sdpa')} | - | - |")
+    sn = timing.get(("spectral norm", "all SAGAN layers", (0, 0, 0)))
+    if sn and "torch" in sn and "sagan_ext" in sn:
+        lines += ["", f"Spectral norm, every SN layer of a SAGAN-64 G and D, forward+backward: "
+                      f"torch {sn['torch']['ms']:.1f} ms, sagan_ext {sn['sagan_ext']['ms']:.1f} ms "
+                      f"({sn['torch']['ms'] / sn['sagan_ext']['ms']:.2f}x)."]
+    if memory:
+        lines += ["", "Peak memory above the inputs, one forward+backward (MiB; OOM/failed shown as -):", "",
+                  "| (B, C, H=W) | N x N map | eager | SDPA | fused | eager / fused |", "|" + " --- |" * 6]
+        for shape, runs in sorted(memory.items()):
+            n = shape[2] ** 2
+            fmt = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
+            ratio = f"{runs['eager'] / runs['fused']:.1f}x" if runs.get("eager") and runs.get("fused") else "-"
+            lines.append(f"| {shape} | {shape[0] * n * n * 4 / 2**20:.0f} | {fmt(runs.get('eager'))} | "
+                         f"{fmt(runs.get('sdpa'))} | {fmt(runs.get('fused'))} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(timing, memory, stem: Path) -> list[Path]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots")
+        return []
+    written = []
+    series = defaultdict(list)  # fwd+bwd, sagan, C=64: time against N
+    for (mode, variant, (b, c, s)), runs in timing.items():
+        if mode == "fwd+bwd" and variant == "sagan" and c == 64:
+            for contender, rec in runs.items():
+                series[contender].append((s * s, rec["ms"] / b))
+    if series:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for contender, points in sorted(series.items()):
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, marker="o", label=contender)
+        ax.set(xscale="log", yscale="log", xlabel="N = H*W", ylabel="ms per image (fwd+bwd)",
+               title="SAGAN block, C=64, fp32")
+        ax.legend(), ax.grid(True, which="both", alpha=0.3)
+        written.append(stem.with_name(stem.name + "_time.png"))
+        fig.tight_layout(), fig.savefig(written[-1], dpi=120), plt.close(fig)
+    if memory:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for contender in ("eager", "sdpa", "fused"):
+            points = sorted((s[2] ** 2, runs[contender] / s[0]) for s, runs in memory.items() if runs.get(contender))
+            if points:
+                ax.plot(*zip(*points), marker="o", label=contender)
+        ax.set(xscale="log", yscale="log", xlabel="N = H*W", ylabel="peak extra MiB per image", title="Peak memory, fwd+bwd")
+        ax.legend(), ax.grid(True, which="both", alpha=0.3)
+        written.append(stem.with_name(stem.name + "_memory.png"))
+        fig.tight_layout(), fig.savefig(written[-1], dpi=120), plt.close(fig)
+    return written
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("json", type=Path)
+    args = parser.parse_args(argv)
+    machine, timing, memory = load(args.json)
+    stem = args.json.with_suffix("")
+    md = stem.with_suffix(".md")
+    md.write_text(markdown(machine, timing, memory))
+    for path in [md, *plots(timing, memory, stem)]:
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
