@@ -110,11 +110,24 @@ def _attention_setup_context(ctx, inputs, output):
 
 
 def _attention_autograd(ctx, grad_out, _grad_o, _grad_lse):
+    if torch.is_grad_enabled():
+        return _attention_double_backward(ctx, grad_out)
     grads = attention_backward(grad_out, *ctx.saved_tensors, ctx.pool, ctx.backend)
     dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dgamma = grads
     has_bq, has_bk, has_bv, has_wo = ctx.present
     return (dx, dwq, dbq if has_bq else None, dwk, dbk if has_bk else None, dwv,
             dbv if has_bv else None, dwo if has_wo else None, dgamma, None, None)
+
+
+def _attention_double_backward(ctx, grad_out):
+    """create_graph=True (a gradient penalty, say): differentiate the reference block instead, so
+    the gradient is itself differentiable. Correct but O(N^2) memory, like the eager block."""
+    x, wq, bq, wk, bk, wv, bv, wo, gamma, _, _ = ctx.saved_tensors
+    inputs = (x, wq, bq, wk, bk, wv, bv, wo, gamma)
+    out = reference.self_attention(*inputs, ctx.pool)
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs) + (None, None)
 
 
 torch.library.register_autograd(
@@ -182,6 +195,8 @@ def _sn_autograd(ctx, grad_w_sn, grad_sigma, _gu, _gv):
         grad_w_sn = torch.zeros_like(w_sn)
     if grad_sigma is None:
         grad_sigma = torch.zeros_like(sigma)
+    if torch.is_grad_enabled():  # create_graph=True: the same formula in differentiable torch ops
+        return reference.spectral_norm_backward(grad_w_sn, grad_sigma, w_sn, u, v, sigma, ctx.dim), *([None] * 7)
     dw = spectral_norm_backward(grad_w_sn, grad_sigma, w_sn, u, v, sigma, ctx.dim, ctx.backend)
     return dw, None, None, None, None, None, None, None
 

@@ -179,3 +179,19 @@ def test_spectral_norm_module_matches_snconv_stack():
 
 
 import sagan_modules  # noqa: E402  (kept beside the tests that use it)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_double_backward_for_gradient_penalties(backend, variant):
+    # WGAN-GP differentiates a gradient: create_graph=True must give correct second derivatives.
+    inputs = attention_inputs(variant, 1, 8, 2, 4, dtype=torch.float64)
+    names = list(inputs)
+
+    def f(*tensors):
+        kw = dict(zip(names, tensors))
+        return sagan_ext.self_attention(
+            kw["x"], kw["wq"], kw["wk"], kw["wv"], kw["gamma"], query_bias=kw.get("bq"), key_bias=kw.get("bk"),
+            value_bias=kw.get("bv"), out_weight=kw.get("wo"), pool=variant == "biggan", backend=backend)
+
+    assert torch.autograd.gradgradcheck(f, tuple(inputs.values()), eps=1e-6, atol=1e-5)

@@ -157,3 +157,12 @@ def test_opcheck(backend):
     torch.library.opcheck(ops.spectral_norm, (w, u, v, 0, 1, 1e-12, True, backend))
     u1, v1 = torch.randn(3, dtype=torch.float64), torch.randn(24, dtype=torch.float64)  # dim=1: 3 x 24
     torch.library.opcheck(ops.spectral_norm, (w, u1, v1, 1, 2, 1e-12, False, backend))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_double_backward(backend):
+    w = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    u = torch.nn.functional.normalize(torch.randn(4, dtype=torch.float64), dim=0)
+    v = torch.nn.functional.normalize(torch.randn(6, dtype=torch.float64), dim=0)
+    f = lambda weight: sagan_ext.spectral_normalize(weight, u, v, training=False, backend=backend)  # noqa: E731
+    assert torch.autograd.gradgradcheck(f, (w,))
