@@ -40,3 +40,13 @@ def attention_grads(inputs, backend):
 
 def reference_grads(inputs):
     return _grads(_call(inputs, reference.self_attention), inputs)
+
+
+def positional_block(names, variant, backend):
+    """sagan_ext.self_attention as a function of the tensors in `names` order (for gradcheck)."""
+    def block(*tensors):
+        kw = dict(zip(names, tensors))
+        return sagan_ext.self_attention(
+            kw["x"], kw["wq"], kw["wk"], kw["wv"], kw["gamma"], query_bias=kw.get("bq"), key_bias=kw.get("bk"),
+            value_bias=kw.get("bv"), out_weight=kw.get("wo"), pool=variant == "biggan", backend=backend)
+    return block

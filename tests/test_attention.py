@@ -7,7 +7,7 @@ import sagan_ext
 from sagan_ext import reference
 
 from conftest import CPU_BACKENDS
-from sagan_ext_testing import attention_inputs, attention_grads, reference_grads
+from sagan_ext_testing import attention_grads, attention_inputs, positional_block, reference_grads
 
 # (B, C, H, W): N = 1, N = 63 (7 x 9, H != W), N = 300 (more than one 256-row block, ragged
 # tail), C = 8 (one query/key channel), batch 1.
@@ -83,16 +83,8 @@ def _error(actual, expected):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_gradcheck(backend, variant):
     inputs = attention_inputs(variant, 1, 8, 4, 6, dtype=torch.float64)
-    names = list(inputs)
-
-    def f(*tensors):
-        kw = dict(zip(names, tensors))
-        return sagan_ext.self_attention(
-            kw["x"], kw["wq"], kw["wk"], kw["wv"], kw["gamma"], query_bias=kw.get("bq"),
-            key_bias=kw.get("bk"), value_bias=kw.get("bv"), out_weight=kw.get("wo"),
-            pool=variant == "biggan", backend=backend)
-
-    assert torch.autograd.gradcheck(f, tuple(inputs.values()), eps=1e-6, atol=1e-6)
+    block = positional_block(list(inputs), variant, backend)
+    assert torch.autograd.gradcheck(block, tuple(inputs.values()), eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -186,12 +178,5 @@ import sagan_modules  # noqa: E402  (kept beside the tests that use it)
 def test_double_backward_for_gradient_penalties(backend, variant):
     # WGAN-GP differentiates a gradient: create_graph=True must give correct second derivatives.
     inputs = attention_inputs(variant, 1, 8, 2, 4, dtype=torch.float64)
-    names = list(inputs)
-
-    def f(*tensors):
-        kw = dict(zip(names, tensors))
-        return sagan_ext.self_attention(
-            kw["x"], kw["wq"], kw["wk"], kw["wv"], kw["gamma"], query_bias=kw.get("bq"), key_bias=kw.get("bk"),
-            value_bias=kw.get("bv"), out_weight=kw.get("wo"), pool=variant == "biggan", backend=backend)
-
-    assert torch.autograd.gradgradcheck(f, tuple(inputs.values()), eps=1e-6, atol=1e-5)
+    block = positional_block(list(inputs), variant, backend)
+    assert torch.autograd.gradgradcheck(block, tuple(inputs.values()), eps=1e-6, atol=1e-5)
