@@ -10,9 +10,6 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-ANCHORS = ("eager", "sdpa", "compiled_eager")
-
-
 def _shape(params):
     b, c, s = params["shape"]
     return b, c, s

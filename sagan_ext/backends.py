@@ -10,7 +10,6 @@ Everything around them (projections, pooling, residual, weight views) is shared,
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -94,10 +93,6 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), CpuBacke
 
 # Fastest first, per device. The reference always serves, so "auto" never fails.
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
-
-
-def register(backend: Backend) -> None:
-    BACKENDS[backend.name] = backend
 
 
 def names() -> tuple[str, ...]:

@@ -8,7 +8,6 @@ import time
 import torch
 
 import sagan_ext
-from sagan_ext import reference
 
 
 def _eager_block(x, m):
