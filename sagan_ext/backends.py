@@ -10,6 +10,7 @@ Everything around them (projections, pooling, residual, weight views) is shared,
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -89,7 +90,52 @@ class CpuBackend(Backend):
         return dw.to(dtype)
 
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), CpuBackend())}
+class TritonBackend(Backend):
+    """Triton kernels (triton_kernels.py) on CUDA GPUs; on the CPU only under the Triton
+    interpreter (TRITON_INTERPRET=1: exact, slow; for tests). fp16/bf16/fp32; fp32 dots are TF32
+    when torch.backends.cuda.matmul.allow_tf32 is set."""
+
+    name = "triton"
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+
+    @property
+    def devices(self):
+        return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+
+    def unavailable(self):
+        try:
+            self._kernels()
+        except ImportError as e:
+            return f"triton is not installed ({e})"
+        if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+            return "needs a CUDA GPU (or TRITON_INTERPRET=1 to run its kernels on the CPU, slowly)"
+        return None
+
+    @staticmethod
+    def _kernels():
+        from . import triton_kernels  # imported on first use: importing triton is slow
+        return triton_kernels
+
+    def attention_forward(self, q, k, v):
+        self._kernels()
+        return torch.ops.sagan_ext_triton.attention_forward(q, k, v)
+
+    def attention_backward(self, do, q, k, v, o, lse):
+        self._kernels()
+        return torch.ops.sagan_ext_triton.attention_backward(do, q, k, v, o, lse)
+
+    def spectral_norm_forward(self, w, u, v, iterations, eps):
+        self._kernels()
+        w_sn, sigma, u_new, v_new = torch.ops.sagan_ext_triton.spectral_norm_forward(w, u, v, iterations, eps)
+        u.copy_(u_new), v.copy_(v_new)
+        return w_sn, sigma.to(w.dtype)
+
+    def spectral_norm_backward(self, g, grad_sigma, w_sn, u, v, sigma):
+        self._kernels()
+        return torch.ops.sagan_ext_triton.spectral_norm_backward(g, grad_sigma, w_sn, u, v, sigma)
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), CpuBackend(), TritonBackend())}
 
 # Fastest first, per device. The reference always serves, so "auto" never fails.
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}

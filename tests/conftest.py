@@ -1,7 +1,15 @@
-import pytest
+import os
+
 import torch
 
-import sagan_ext
+# With no GPU, the Triton backend's kernels run under Triton's interpreter (exact, slow): set
+# before anything imports triton, so that tests/test_triton.py proves them on the CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import sagan_ext  # noqa: E402
 
 # Backends that run on this machine's CPU. The triton backend runs here only under its
 # interpreter, which tests/test_triton.py sets up; CUDA-only checks live in tests/test_gpu.py.
