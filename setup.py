@@ -34,8 +34,11 @@ setup(
     packages=["sagan_ext", "sagan_ext.csrc"],
     package_dir={"sagan_ext.csrc": "csrc"},
     package_data={"sagan_ext.csrc": ["*.h", "cpu/*.h", "cpu/*.cpp", "cuda/*.h", "cuda/*.cu", "cuda/*.cuh", "cuda/*.cpp"]},
-    install_requires=["torch>=2.4", "numpy", "ninja"],
+    install_requires=["torch>=2.4", "numpy", "ninja", "pillow", "tqdm"],
+    entry_points={"console_scripts": ["sagan-train = sagan_ext.train:main", "sagan-sample = sagan_ext.train:sample_main"]},
     extras_require={
+        # the trainer's embedded digits come with scikit-learn; its TensorBoard logs need tensorboard
+        "train": ["scikit-learn", "tensorboard"],
         "test": ["pytest", "pytest-benchmark", "matplotlib", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     },
     ext_modules=ext_modules,

@@ -27,24 +27,8 @@ def make(batch, channels, size, device="cpu", dtype=torch.float32, backend="auto
 
 
 def eager(block, x):
-    if block.variant == "biggan":
-        return eager_biggan(block, x)
-    b, c, h, w = x.shape
-    q = block.query_conv(x).view(b, -1, h * w).permute(0, 2, 1)
-    k = block.key_conv(x).view(b, -1, h * w)
-    attention = torch.softmax(torch.bmm(q, k), dim=-1)  # (B, N, N)
-    v = block.value_conv(x).view(b, -1, h * w)
-    return block.gamma * torch.bmm(v, attention.permute(0, 2, 1)).view(b, c, h, w) + x
-
-
-def eager_biggan(block, x):
-    """BigGAN-PyTorch's Attention: pooled keys/values, output 1x1 conv."""
-    b, c, h, w = x.shape
-    theta = block.theta(x).flatten(2)
-    phi = F.max_pool2d(block.phi(x), 2).flatten(2)
-    g = F.max_pool2d(block.g(x), 2).flatten(2)
-    beta = torch.softmax(torch.bmm(theta.transpose(1, 2), phi), -1)  # (B, N, N/4)
-    return block.gamma * block.o(torch.bmm(g, beta.transpose(1, 2)).view(b, -1, h, w)) + x
+    """The eager bmm/softmax block on the same weights (heykeetae's Self_Attn / BigGAN's Attention)."""
+    return sagan_ext.EagerSelfAttention.forward(block, x)
 
 
 def sdpa(block, x):

@@ -1,7 +1,7 @@
 """sagan_ext: fused SAGAN self-attention and spectral norm for PyTorch, with CPU (C++), CUDA,
 Triton and plain-PyTorch reference backends behind one API."""
 from . import backends, ops  # ops registers the sagan_ext:: operators
-from .attention import FusedSelfAttention, self_attention
+from .attention import EagerSelfAttention, FusedSelfAttention, self_attention
 from .backends import available_backends
 from .spectral_norm import (remove_spectral_norm, sigma, spectral_norm, spectral_norm_sigmas,
                             spectral_normalize)
@@ -9,6 +9,6 @@ from .spectral_norm import (remove_spectral_norm, sigma, spectral_norm, spectral
 __version__ = "0.1.0"
 
 __all__ = [
-    "FusedSelfAttention", "self_attention", "spectral_norm", "remove_spectral_norm", "spectral_normalize",
+    "FusedSelfAttention", "EagerSelfAttention", "self_attention", "spectral_norm", "remove_spectral_norm", "spectral_normalize",
     "sigma", "spectral_norm_sigmas", "available_backends", "__version__",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _checks, ops, reference
@@ -21,6 +22,12 @@ def self_attention(
     wq, wk, wv = (_checks.as_matrix(n, t) for n, t in
                   (("query_weight", query_weight), ("key_weight", key_weight), ("value_weight", value_weight)))
     wo = None if out_weight is None else _checks.as_matrix("out_weight", out_weight)
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        # under autocast the op runs in autocast's dtype, as a matmul would (fp32 weights meet bf16 x)
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, wq, wk, wv, gamma, query_bias, key_bias, value_bias, wo = (
+            t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+            for t in (x, wq, wk, wv, gamma, query_bias, key_bias, value_bias, wo))
     _checks.check_attention(x, wq, query_bias, wk, key_bias, wv, value_bias, wo, gamma, pool)
     out, _, _ = ops.attention_forward(x, wq, query_bias, wk, key_bias, wv, value_bias, wo, gamma, pool, backend)
     return out
@@ -95,3 +102,22 @@ class FusedSelfAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, variant={self.variant!r}, backend={self.backend!r}"
+
+
+class EagerSelfAttention(FusedSelfAttention):
+    """The same block (same parameters and state dict) computed the way users' code does today:
+    1x1 convs, a B x N x N bmm, softmax, another bmm. The A/B anchor (`sagan-train --ops eager`,
+    the benchmarks); it keeps the N x N map alive for the backward."""
+
+    def forward(self, x: Tensor, return_attention: bool = False):
+        b, _, h, w = x.shape
+        if self.variant == "sagan":
+            q, k, v = (conv(x).flatten(2) for conv in (self.query_conv, self.key_conv, self.value_conv))
+        else:
+            q, k, v = self.theta(x).flatten(2), F.max_pool2d(self.phi(x), 2).flatten(2), F.max_pool2d(self.g(x), 2).flatten(2)
+        attention = torch.softmax(torch.bmm(q.transpose(1, 2), k), dim=-1)  # (B, N, N_keys), unscaled scores
+        o = torch.bmm(v, attention.transpose(1, 2)).view(b, -1, h, w)
+        if self.variant == "biggan":
+            o = self.o(o)
+        out = x + self.gamma * o
+        return (out, attention) if return_attention else out

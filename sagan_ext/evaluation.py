@@ -1,0 +1,178 @@
+"""What the trainer measures and draws: a quality metric that works offline (the Frechet distance
+in the feature space of a small classifier trained on the same dataset, and the share of
+conditional samples the classifier labels with their class), FID when the user supplies Inception
+weights, sample grids and attention-map overlays."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data import ImageDataset, to_float, to_uint8
+
+FEATURE_SIZE = 32  # the classifier sees every dataset at 32 x 32
+
+
+class FeatureClassifier(nn.Module):
+    """A small CNN; its 128-d penultimate layer is the proxy metric's feature space."""
+
+    def __init__(self, channels: int, num_classes: int):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(128, max(num_classes, 1))
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """images in [-1, 1] at any size -> (features, logits)."""
+        if images.shape[-1] != FEATURE_SIZE:
+            images = F.interpolate(images, size=(FEATURE_SIZE, FEATURE_SIZE), mode="bilinear",
+                                   antialias=images.shape[-1] > FEATURE_SIZE, align_corners=False)
+        features = self.features(images)
+        return features, self.head(features)
+
+
+def train_classifier(dataset: ImageDataset, device: torch.device, seed: int = 0, epochs: int = 20) -> tuple[FeatureClassifier, float]:
+    """Train on 90% of the dataset (random shifts of up to 2 pixels) and return it with its accuracy
+    on the held-out 10%. Unlabelled data keeps the fixed random-init network: Frechet distances in a
+    random conv feature space still rank samples, but say less."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = FeatureClassifier(dataset.channels, dataset.num_classes).to(device)
+    if dataset.num_classes < 2:
+        return model.eval(), float("nan")
+    order = torch.randperm(len(dataset), generator=generator)
+    held_out, train = order[: len(order) // 10], order[len(order) // 10:]
+    images = to_float(dataset.images).to(device)
+    images = F.interpolate(images, size=(FEATURE_SIZE, FEATURE_SIZE), mode="bilinear",
+                           antialias=images.shape[-1] > FEATURE_SIZE, align_corners=False)
+    labels = dataset.labels.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batch = 128
+    for _ in range(epochs):
+        perm = train[torch.randperm(len(train), generator=generator)]
+        for i in range(0, len(perm), batch):
+            idx = perm[i:i + batch].to(device)
+            dx, dy = torch.randint(-2, 3, (2,), generator=generator).tolist()
+            x = torch.roll(images[idx], shifts=(dy, dx), dims=(2, 3))
+            loss = F.cross_entropy(model(x)[1], labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        predicted = torch.cat([model(images[held_out[i:i + 512].to(device)])[1].argmax(1)
+                               for i in range(0, len(held_out), 512)])
+    return model, (predicted == labels[held_out.to(device)]).float().mean().item()
+
+
+def load_or_train_classifier(path: Path, dataset: ImageDataset, device: torch.device, seed: int = 0):
+    """The classifier cached in the run folder (trained once per run)."""
+    if path.exists():
+        state = torch.load(path, map_location=device, weights_only=True)
+        model = FeatureClassifier(dataset.channels, dataset.num_classes).to(device)
+        model.load_state_dict(state["model"])
+        return model.eval(), state["accuracy"]
+    model, accuracy = train_classifier(dataset, device, seed)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "accuracy": accuracy}, tmp)
+    tmp.replace(path)
+    return model, accuracy
+
+
+@torch.no_grad()
+def feature_statistics(features: Tensor) -> tuple[Tensor, Tensor]:
+    features = features.double()
+    return features.mean(0), torch.cov(features.T)
+
+
+def frechet_distance(stats_a: tuple[Tensor, Tensor], stats_b: tuple[Tensor, Tensor]) -> float:
+    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)), the trace of the square root from the
+    eigenvalues of the symmetric S_a^(1/2) S_b S_a^(1/2)."""
+    (mu_a, cov_a), (mu_b, cov_b) = stats_a, stats_b
+    eigenvalues, vectors = torch.linalg.eigh(cov_a)
+    sqrt_a = vectors @ torch.diag(eigenvalues.clamp(min=0).sqrt()) @ vectors.T
+    cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
+    return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
+
+
+class InceptionFID:
+    """FID with a user-supplied TorchScript Inception-v3 feature extractor called as
+    `model(uint8 images (N, 3, H, W), return_features=True) -> (N, 2048)`; this is the calling
+    convention of the `inception-2015-12-05.pt` file that StyleGAN2-ADA/3's metrics use."""
+
+    def __init__(self, path: str, device: torch.device):
+        try:
+            self.model = torch.jit.load(path, map_location=device).eval()
+        except Exception as e:
+            raise ValueError(f"--inception {path}: not a loadable TorchScript Inception model ({e})") from e
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        uint8 = to_uint8(images)
+        if uint8.shape[1] == 1:
+            uint8 = uint8.expand(-1, 3, -1, -1)
+        return torch.cat([self.model(uint8[i:i + 100], return_features=True) for i in range(0, len(uint8), 100)])
+
+
+@torch.no_grad()
+def sample(generator: nn.Module, z: Tensor, y: Tensor | None, batch: int = 250) -> Tensor:
+    return torch.cat([generator(z[i:i + batch], None if y is None else y[i:i + batch]).float()
+                      for i in range(0, len(z), batch)])
+
+
+def grid(images: Tensor, rows: int) -> Tensor:
+    """(N, C, H, W) in [-1, 1] -> one uint8 (C, rows*(H+2), cols*(W+2)) image with 2-pixel gaps."""
+    n, c, h, w = images.shape
+    cols = -(-n // rows)
+    canvas = torch.full((c, rows * (h + 2), cols * (w + 2)), 255, dtype=torch.uint8)
+    for i, image in enumerate(to_uint8(images.cpu())):
+        r, k = divmod(i, cols)
+        canvas[:, r * (h + 2) + 1:r * (h + 2) + 1 + h, k * (w + 2) + 1:k * (w + 2) + 1 + w] = image
+    return canvas
+
+
+def save_png(image: Tensor, path: Path) -> None:
+    """uint8 (C, H, W) -> PNG (written then renamed, so a reader never sees half a file)."""
+    from PIL import Image
+    array = image.permute(1, 2, 0).numpy()
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+QUERY_POINTS = ((0.3, 0.3), (0.5, 0.65), (0.7, 0.4))  # (row, col) as fractions of the map
+
+
+def attention_overlays(images: Tensor, attention: Tensor) -> Tensor:
+    """One row per image: the image with the query points marked, then, per query point, where
+    that position attends (the attention row upsampled to the image, a heat map over a grey copy).
+    images: (B, C, S, S) in [-1, 1]; attention: (B, N, N_keys) for a square query map."""
+    b, _, s, _ = images.shape
+    side = int(round(attention.shape[1] ** 0.5))
+    key_side = int(round(attention.shape[2] ** 0.5))
+    grey = to_uint8(images.cpu()).float().mean(1, keepdim=True).div(255).expand(-1, 3, -1, -1)
+    rgb = (to_uint8(images.cpu()).float() / 255).expand(-1, 3, -1, -1) if images.shape[1] == 3 else grey
+    tiles = []
+    for i in range(b):
+        marked = rgb[i].clone()
+        row = [marked]
+        for qr, qc in QUERY_POINTS:
+            r, c = int(qr * side), int(qc * side)
+            heat = attention[i, r * side + c].float().cpu().view(1, 1, key_side, key_side)
+            heat = F.interpolate(heat / heat.max().clamp(min=1e-12), size=(s, s), mode="nearest")[0, 0]
+            hot = torch.stack([(3 * heat).clamp(0, 1), (3 * heat - 1).clamp(0, 1), (3 * heat - 2).clamp(0, 1)])
+            overlay = 0.45 * grey[i] + 0.55 * hot
+            y, x = int((r + 0.5) * s / side), int((c + 0.5) * s / side)
+            for canvas in (marked, overlay):  # the query point as a small green square
+                canvas[:, max(y - 1, 0):y + 2, max(x - 1, 0):x + 2] = torch.tensor([0.0, 1.0, 0.0])[:, None, None]
+            row.append(overlay)
+        tiles += row
+    tiles = torch.stack(tiles)
+    if s < 64:  # small maps: enlarge (nearest) so that the overlays can be read
+        tiles = F.interpolate(tiles, scale_factor=64 // s, mode="nearest")
+    return grid(tiles * 2 - 1, rows=b)

@@ -1,0 +1,648 @@
+"""sagan-train: a class-conditional SAGAN (Zhang et al. 2019) on sagan_ext's fused attention and
+spectral norm, with hinge loss and TTUR. Runs on a CPU with the embedded digits dataset, on a GPU,
+and data-parallel on many through `torchrun --nproc_per_node K -m sagan_ext.train`.
+
+Read top to bottom: options; setting up (devices, data, models, optimizers, resume); one training
+step; what is written to the run folder; the loop; the command lines (sagan-train, sagan-sample).
+
+Run folder (--out): config.json, metrics.csv, tensorboard/, samples/ (fixed-noise grids, one row
+per class), attention/ (where a few query points of G's and D's attention look), checkpoints/
+(written atomically, the last --keep-checkpoints kept), classifier.pt (the proxy metric's network).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import os
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import __version__
+from .data import DatasetError, ImageDataset, batch_indices, load_dataset, to_float
+from .evaluation import (InceptionFID, attention_overlays, feature_statistics, frechet_distance, grid,
+                         load_or_train_classifier, sample, save_png)
+from .models import IMAGE_SIZES, build_models, default_attention_resolution, layer_sigmas
+
+# ---------------------------------------------------------------------------------------------
+# Options: defaults < --config file < the run's saved config (--resume) < the command line.
+
+DEFAULTS = dict(
+    dataset="digits", image_size=32, steps=2000, batch_size=64, out="runs/sagan", resume=None, device="auto",
+    ops="fused", attention="sagan", attention_res=None, unconditional=False, ch=32, d_ch=None, z_dim=128,
+    loss="hinge", gp_weight=10.0, lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.9, d_steps=1,
+    ema_decay=0.999, amp="none", channels_last=False, compile=False, seed=0,
+    log_every=25, eval_every=500, eval_samples=1000, checkpoint_every=500, keep_checkpoints=3,
+    inception=None, progress=True,
+)
+# what a resumed run may change; anything else would make it a different run
+RUNTIME_OPTIONS = {"steps", "resume", "out", "device", "log_every", "eval_every", "eval_samples", "checkpoint_every",
+                   "keep_checkpoints", "inception", "progress", "compile"}
+
+
+class UsageError(Exception):
+    """Bad options, data or checkpoint: one clear message, exit status 2."""
+
+
+class TrainingDiverged(Exception):
+    """A loss became NaN/inf: exit status 3; the last good checkpoint is kept."""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sagan-train", argument_default=argparse.SUPPRESS,
+        description="Train a class-conditional SAGAN with sagan_ext's fused attention and spectral norm. "
+                    "The defaults train on the embedded handwritten digits on this machine.",
+        epilog="Any option can also be set in a --config file (JSON or TOML, keys as the option names with "
+               "underscores). Data-parallel: torchrun --nproc_per_node K -m sagan_ext.train ...")
+    d = DEFAULTS
+    p.add_argument("--config", help="JSON or TOML file of options")
+    p.add_argument("--dataset", help="'digits' (embedded, default), an image folder with one sub-folder per class, "
+                                     f"a CIFAR-10 python folder (data_batch_1..5) or an .npz file (images, labels)")
+    p.add_argument("--image-size", type=int, help=f"one of {IMAGE_SIZES} (default {d['image_size']})")
+    p.add_argument("--steps", type=int, help=f"total G steps; with --resume, continue up to it (default {d['steps']})")
+    p.add_argument("--batch-size", type=int, help=f"per process (default {d['batch_size']})")
+    p.add_argument("--out", help=f"run folder (default {d['out']})")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its latest checkpoint")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--ops", choices=["fused", "eager"], help="fused: sagan_ext's operators (default); eager: the same "
+                                                             "models on bmm/softmax attention and torch's spectral_norm")
+    p.add_argument("--attention", choices=["sagan", "biggan"], help="attention variant (default sagan)")
+    p.add_argument("--attention-res", type=int, help="feature-map size of the attention blocks (default: 32, or 16 "
+                                                      "for 32-pixel images)")
+    p.add_argument("--unconditional", action="store_true", help="ignore labels (plain BN in G, no projection in D)")
+    p.add_argument("--ch", type=int, help=f"base channel width of G (and D) (default {d['ch']})")
+    p.add_argument("--d-ch", type=int, help="base channel width of D (default: --ch)")
+    p.add_argument("--z-dim", type=int, help=f"noise size (default {d['z_dim']})")
+    p.add_argument("--loss", choices=["hinge", "ns", "wgan-gp"], help="hinge (default), non-saturating, or WGAN-GP "
+                                                                       "(its penalty runs a double backward)")
+    p.add_argument("--gp-weight", type=float, help=f"WGAN-GP penalty weight (default {d['gp_weight']})")
+    p.add_argument("--lr-g", type=float, help=f"G learning rate (default {d['lr_g']}, the paper's TTUR)")
+    p.add_argument("--lr-d", type=float, help=f"D learning rate (default {d['lr_d']}, the paper's TTUR)")
+    p.add_argument("--beta1", type=float, help=f"Adam beta1 (default {d['beta1']})")
+    p.add_argument("--beta2", type=float, help=f"Adam beta2 (default {d['beta2']}, the paper's; the official code "
+                                                f"used 0.999)")
+    p.add_argument("--d-steps", type=int, help=f"D steps per G step (default {d['d_steps']})")
+    p.add_argument("--ema-decay", type=float, help=f"EMA of G's weights, used for samples and metrics "
+                                                    f"(default {d['ema_decay']}; 0 turns it off)")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast mixed precision (default none)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile G and D")
+    p.add_argument("--seed", type=int, help=f"(default {d['seed']})")
+    p.add_argument("--log-every", type=int, help=f"steps between metrics rows (default {d['log_every']})")
+    p.add_argument("--eval-every", type=int, help=f"steps between samples, attention maps and metrics "
+                                                   f"(default {d['eval_every']})")
+    p.add_argument("--eval-samples", type=int, help=f"samples for the quality metrics (default {d['eval_samples']})")
+    p.add_argument("--checkpoint-every", type=int, help=f"(default {d['checkpoint_every']})")
+    p.add_argument("--keep-checkpoints", type=int, help=f"(default {d['keep_checkpoints']})")
+    p.add_argument("--inception", metavar="FILE", help="TorchScript Inception-v3 (StyleGAN's inception-2015-12-05.pt) "
+                                                       "to report FID besides the built-in proxy")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def read_config_file(path: str) -> dict:
+    try:
+        text = Path(path).read_text()
+        if path.endswith(".toml"):
+            import tomllib
+            values = tomllib.loads(text)
+        else:
+            values = json.loads(text)
+    except Exception as e:
+        raise UsageError(f"--config {path}: cannot read it ({e})") from e
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - set(DEFAULTS))
+    if unknown:
+        raise UsageError(f"--config {path}: unknown options {unknown}")
+    return values
+
+
+def resolve_options(argv: list[str] | None) -> dict:
+    given = vars(parser().parse_args(argv))
+    from_file = read_config_file(given.pop("config")) if "config" in given else {}
+    explicit = {**from_file, **given}
+    options = {**DEFAULTS, **explicit}
+    if options["resume"]:
+        run = Path(options["resume"])
+        try:
+            saved = json.loads((run / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--resume {run}: not a run folder with a readable config.json ({e})") from e
+        changed = sorted(k for k, v in explicit.items() if k not in RUNTIME_OPTIONS and saved.get(k) != v)
+        if changed:
+            raise UsageError(f"--resume {run}: cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} "
+                             f"of an existing run (start a new one with --out)")
+        options = {**options, **saved, **{k: v for k, v in explicit.items() if k in RUNTIME_OPTIONS}}
+        options["out"] = str(run)
+    check_options(options)
+    return options
+
+
+def check_options(o: dict) -> None:
+    if o["image_size"] not in IMAGE_SIZES:
+        raise UsageError(f"--image-size must be one of {IMAGE_SIZES}, got {o['image_size']}")
+    positive = ["steps", "batch_size", "ch", "z_dim", "d_steps", "log_every", "eval_every", "eval_samples",
+                "checkpoint_every", "keep_checkpoints"]
+    for k in positive:
+        if not isinstance(o[k], int) or o[k] <= 0:
+            raise UsageError(f"--{k.replace('_', '-')} must be a positive integer, got {o[k]!r}")
+    if not 0 <= o["ema_decay"] < 1:
+        raise UsageError(f"--ema-decay must be in [0, 1), got {o['ema_decay']}")
+    if o["inception"] and not Path(o["inception"]).is_file():
+        raise UsageError(f"--inception {o['inception']}: no such file")
+
+
+# ---------------------------------------------------------------------------------------------
+# Setting up: processes and devices, data, models, optimizers, the checkpoint to resume from.
+
+def setup_distributed(device_option: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; gloo on CPU, nccl on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_option == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(device_option)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {device_option}: this torch has no CUDA device")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def checkpoints(run: Path) -> list[Path]:
+    return sorted((run / "checkpoints").glob("step_*.pt"))
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict:
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(state, dict) or "G" not in state or "step" not in state:
+            raise ValueError("not a sagan-train checkpoint")
+        return state
+    except Exception as e:
+        raise UsageError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}: {e}). Delete it to "
+                         f"resume from the one before it.") from e
+
+
+class EMA:
+    """Exponential moving average of G's parameters (buffers copied: BN statistics, SN vectors);
+    the decay ramps up as (1 + t) / (10 + t) so that short runs are not dominated by the init."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model, self.decay = copy.deepcopy(model).eval().requires_grad_(False), decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - decay)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+# ---------------------------------------------------------------------------------------------
+# One training step: d_steps D updates on real and fake images in one D call, then one G update.
+
+def discriminator_loss(real: Tensor, fake: Tensor, loss: str) -> Tensor:
+    if loss == "hinge":
+        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+    if loss == "ns":
+        return F.softplus(-real).mean() + F.softplus(fake).mean()
+    return fake.mean() - real.mean()  # wgan-gp, plus the penalty
+
+
+def generator_loss(fake: Tensor, loss: str) -> Tensor:
+    return F.softplus(-fake).mean() if loss == "ns" else -fake.mean()
+
+
+def gradient_penalty(logits_mixed: Tensor, mixed: Tensor) -> Tensor:
+    """WGAN-GP: (||grad_x D(x_hat)|| - 1)^2 at random interpolates x_hat; a double backward."""
+    (grad,) = torch.autograd.grad(logits_mixed.sum(), mixed, create_graph=True)
+    return (grad.flatten(1).norm(dim=1) - 1).square().mean()
+
+
+class Trainer:
+    def __init__(self, o: dict):
+        self.o = o
+        self.rank, self.world, self.device = setup_distributed(o["device"])
+        self.main = self.rank == 0
+        self.run = Path(o["out"])
+        try:
+            self.data: ImageDataset = load_dataset(o["dataset"], o["image_size"])
+        except DatasetError as e:
+            raise UsageError(str(e)) from e
+        self.num_classes = 0 if o["unconditional"] else self.data.num_classes
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[o["amp"]]
+        self.memory_format = torch.channels_last if o["channels_last"] else torch.contiguous_format
+
+        torch.manual_seed(o["seed"])
+        try:
+            g, d = build_models(o["image_size"], self.data.channels, self.num_classes, ch=o["ch"], d_ch=o["d_ch"],
+                                z_dim=o["z_dim"], attention_res=o["attention_res"], attention=o["attention"], ops=o["ops"])
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+        self.G = g.to(self.device, memory_format=self.memory_format)
+        self.D = d.to(self.device, memory_format=self.memory_format)
+        self.ema = EMA(self.G, o["ema_decay"]) if o["ema_decay"] > 0 else None
+        betas = (o["beta1"], o["beta2"])
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=o["lr_g"], betas=betas)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=o["lr_d"], betas=betas)
+        fp16 = o["amp"] == "fp16"
+        self.scaler_g = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self.scaler_d = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self.step = 0
+        if o["resume"]:
+            self.restore()
+
+        self.G_run, self.D_run, self.D_ddp = self.G, self.D, None  # what the step calls: DDP-wrapped, compiled
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.G_run = nn.parallel.DistributedDataParallel(self.G, device_ids=ids)
+            self.D_run = self.D_ddp = nn.parallel.DistributedDataParallel(self.D, device_ids=ids)
+        if o["compile"]:
+            self.G_run, self.D_run = torch.compile(self.G_run), torch.compile(self.D_run)
+        self.noise = torch.Generator(self.device)
+
+    # -- resume and checkpoints ------------------------------------------------------------------
+    def restore(self) -> None:
+        found = checkpoints(self.run)
+        if not found:
+            raise UsageError(f"--resume {self.run}: no checkpoints in {self.run / 'checkpoints'}")
+        state = load_checkpoint(found[-1], self.device)
+        self.G.load_state_dict(state["G"])
+        self.D.load_state_dict(state["D"])
+        if self.ema is not None:
+            self.ema.model.load_state_dict(state["G_ema"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.scaler_g.load_state_dict(state["scaler_g"])
+        self.scaler_d.load_state_dict(state["scaler_d"])
+        self.step = state["step"]
+        self.resumed_from = found[-1]
+
+    def save_checkpoint(self) -> Path | None:
+        if self.world > 1:
+            self.check_replicas()
+        if not self.main:
+            return None
+        state = dict(step=self.step, G=self.G.state_dict(), D=self.D.state_dict(),
+                     G_ema=self.ema.model.state_dict() if self.ema else None,
+                     opt_g=self.opt_g.state_dict(), opt_d=self.opt_d.state_dict(),
+                     scaler_g=self.scaler_g.state_dict(), scaler_d=self.scaler_d.state_dict(),
+                     config=self.o, channels=self.data.channels, num_classes=self.num_classes,
+                     class_names=self.data.class_names, version=__version__)
+        path = self.run / "checkpoints" / f"step_{self.step:07d}.pt"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:  # write, flush to disk, then rename: never half a checkpoint
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+        for old in checkpoints(self.run)[:-self.o["keep_checkpoints"]]:
+            old.unlink()
+        return path
+
+    def check_replicas(self) -> None:
+        """Every rank must hold the same weights and spectral-norm vectors u, v. (BN running
+        statistics are per rank by design: DDP re-broadcasts rank 0's at every forward.)"""
+        tensors = [t for m in (self.G, self.D) for t in m.parameters()]
+        tensors += [b for m in (self.G, self.D) for name, b in m.named_buffers() if name.endswith(("_u", "_v"))]
+        local = torch.stack([t.detach().double().sum() for t in tensors])
+        everyone = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(everyone, local)
+        if any(not torch.equal(everyone[0], other) for other in everyone[1:]):
+            raise RuntimeError(f"step {self.step}: the data-parallel replicas hold different weights or SN vectors")
+
+    # -- the step --------------------------------------------------------------------------------
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+
+    def seed_noise(self, *stream: int) -> torch.Generator:
+        """Noise as a function of (seed, step, sub-step, rank): exact resume with no RNG state to save."""
+        key = self.o["seed"]
+        for s in (*stream, self.rank):
+            key = (key * 1_000_003 + s) % (2 ** 63)
+        return self.noise.manual_seed(key)
+
+    def latent(self, n: int, noise: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        z = torch.randn(n, self.o["z_dim"], device=self.device, generator=noise)
+        y = torch.randint(self.num_classes, (n,), device=self.device, generator=noise) if self.num_classes else None
+        return z, y
+
+    def real_batch(self, data_step: int) -> tuple[Tensor, Tensor | None]:
+        idx = batch_indices(len(self.data), self.o["batch_size"], data_step, self.o["seed"], self.rank, self.world)
+        images = to_float(self.data.images[idx]).to(self.device, memory_format=self.memory_format)
+        y = self.data.labels[idx].to(self.device) if self.num_classes else None
+        return images, y
+
+    def train_step(self) -> dict[str, Tensor]:
+        o, b = self.o, self.o["batch_size"]
+        for j in range(o["d_steps"]):
+            noise = self.seed_noise(self.step, j)
+            real, y_real = self.real_batch(self.step * o["d_steps"] + j)
+            z, y_fake = self.latent(b, noise)
+            with torch.no_grad(), self.autocast():
+                fake = self.G_run(z, y_fake).contiguous(memory_format=self.memory_format)
+            images, labels = [real, fake.to(real.dtype)], [y_real, y_fake]
+            if o["loss"] == "wgan-gp":  # the interpolates go through the same D call (one DDP forward)
+                alpha = torch.rand(b, 1, 1, 1, device=self.device, generator=noise)
+                images.append((alpha * real + (1 - alpha) * images[1]).requires_grad_(True))
+                labels.append(y_real)
+            y = None if y_real is None else torch.cat(labels)
+            with self.autocast():
+                logits = self.D_run(torch.cat(images), y).float()
+                d_real, d_fake = logits[:b], logits[b:2 * b]
+                loss_d = discriminator_loss(d_real, d_fake, o["loss"])
+                if o["loss"] == "wgan-gp":
+                    loss_d = loss_d + o["gp_weight"] * gradient_penalty(logits[2 * b:], images[2])
+            self.opt_d.zero_grad(set_to_none=True)
+            self.scaler_d.scale(loss_d).backward()
+            self.scaler_d.step(self.opt_d)
+            self.scaler_d.update()
+
+        z, y_fake = self.latent(b, self.seed_noise(self.step, o["d_steps"]))
+        self.D.requires_grad_(False)  # G's step needs no D weight gradients (nor their all-reduce)
+        with (self.D_ddp.no_sync() if self.D_ddp else nullcontext()), self.autocast():
+            loss_g = generator_loss(self.D_run(self.G_run(z, y_fake), y_fake).float(), o["loss"])
+        self.opt_g.zero_grad(set_to_none=True)
+        self.scaler_g.scale(loss_g).backward()
+        self.scaler_g.step(self.opt_g)
+        self.scaler_g.update()
+        self.D.requires_grad_(True)
+        if self.ema is not None:
+            self.ema.update(self.G, self.step)
+        self.step += 1
+        return dict(loss_d=loss_d.detach(), loss_g=loss_g.detach(), d_real=d_real.detach().mean(),
+                    d_fake=d_fake.detach().mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# What goes into the run folder: metrics (CSV and TensorBoard), sample grids, attention maps.
+
+class Outputs:
+    """Rank 0's writer of everything in the run folder but the checkpoints."""
+
+    def __init__(self, trainer: Trainer):
+        t, o = trainer, trainer.o
+        self.t, self.run = t, t.run
+        for sub in ("samples", "attention", "checkpoints"):
+            (self.run / sub).mkdir(parents=True, exist_ok=True)
+        (self.run / "config.json").write_text(json.dumps(o, indent=1))
+        g_eval = t.ema.model if t.ema else t.G
+        self.g_eval = g_eval
+        self.gammas = {"gamma/G.attention": t.G.attention.gamma, "gamma/D.attention": t.D.attention.gamma}
+        self.sigma_names = [f"sigma/G.{n}" for n in layer_sigmas(t.G)] + [f"sigma/D.{n}" for n in layer_sigmas(t.D)]
+        self.columns = (["step", "images_per_s", "loss_d", "loss_g", "d_real", "d_fake", "fd_proxy",
+                         "class_consistency", "fid"] + list(self.gammas) + self.sigma_names)
+        self.metrics_path = self.run / "metrics.csv"
+        self._start_csv(t.step)
+        self.tensorboard = self._tensorboard(t.step)
+
+        # the fixed inputs of every grid, map and metric (own generator: the training noise is untouched)
+        fixed = torch.Generator(t.device).manual_seed(o["seed"] + 12345)
+        rows = max(min(t.num_classes, 10), 1) if t.num_classes else 8
+        self.grid_rows = rows
+        self.grid_z = torch.randn(rows * 8, o["z_dim"], device=t.device, generator=fixed)
+        self.grid_y = (torch.arange(rows * 8, device=t.device) // 8) if t.num_classes else None
+        self.eval_z = torch.randn(o["eval_samples"], o["z_dim"], device=t.device, generator=fixed)
+        self.eval_y = (torch.arange(o["eval_samples"], device=t.device) % t.num_classes) if t.num_classes else None
+        self.real_for_maps = to_float(t.data.images[torch.linspace(0, len(t.data) - 1, 4).long()]).to(t.device)
+        self.y_for_maps = t.data.labels[torch.linspace(0, len(t.data) - 1, 4).long()].to(t.device) if t.num_classes else None
+
+        started = time.perf_counter()
+        self.classifier, self.classifier_accuracy = load_or_train_classifier(self.run / "classifier.pt", t.data, t.device, o["seed"])
+        real = to_float(t.data.images[:10000]).to(t.device)
+        with torch.no_grad():
+            self.real_stats = feature_statistics(torch.cat([self.classifier(real[i:i + 500])[0] for i in range(0, len(real), 500)]))
+        self.inception = InceptionFID(o["inception"], t.device) if o["inception"] else None
+        if self.inception:
+            self.real_inception = feature_statistics(self.inception.features(real))
+        self.setup_seconds = time.perf_counter() - started
+
+    def _start_csv(self, step: int) -> None:
+        """A resumed run drops the rows past its checkpoint, which it is about to compute again."""
+        kept = []
+        if step > 0 and self.metrics_path.exists():
+            with open(self.metrics_path, newline="") as f:
+                kept = [row for row in csv.DictReader(f) if int(row["step"]) <= step]
+        with open(self.metrics_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns)
+            writer.writeheader()
+            writer.writerows(kept)
+
+    def _tensorboard(self, step: int):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            warnings.warn("TensorBoard logs skipped: pip install tensorboard", stacklevel=2)
+            return None
+        return SummaryWriter(str(self.run / "tensorboard"), purge_step=step or None)
+
+    def log(self, row: dict) -> None:
+        t = self.t
+        row.update({k: float(v.detach()) for k, v in self.gammas.items()})
+        sigmas = [*layer_sigmas(t.G).values(), *layer_sigmas(t.D).values()]
+        row.update(zip(self.sigma_names, torch.stack(sigmas).tolist()))
+        with open(self.metrics_path, "a", newline="") as f:
+            csv.DictWriter(f, self.columns).writerow(row)
+        if self.tensorboard:
+            for k, v in row.items():
+                if k != "step" and v == v and v != "":
+                    self.tensorboard.add_scalar(k, v, row["step"])
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict:
+        t = self.t
+        fake = sample(self.g_eval, self.eval_z, self.eval_y)
+        features, logits = zip(*(self.classifier(fake[i:i + 500]) for i in range(0, len(fake), 500)))
+        result = dict(fd_proxy=frechet_distance(self.real_stats, feature_statistics(torch.cat(features))))
+        if t.num_classes:
+            result["class_consistency"] = (torch.cat(logits).argmax(1) == self.eval_y).float().mean().item()
+        if self.inception:
+            result["fid"] = frechet_distance(self.real_inception, feature_statistics(self.inception.features(fake)))
+        self.draw(step)
+        return result
+
+    @torch.no_grad()
+    def draw(self, step: int) -> None:
+        t = self.t
+        images = sample(self.g_eval, self.grid_z, self.grid_y)
+        save_png(grid(images, self.grid_rows), self.run / "samples" / f"step_{step:07d}.png")
+        save_png(grid(images, self.grid_rows), self.run / "samples" / "latest.png")
+        if self.tensorboard:
+            self.tensorboard.add_image("samples", grid(images, self.grid_rows), step)
+        g_images, g_attention = self.g_eval(self.grid_z[::8][:4], None if self.grid_y is None else self.grid_y[::8][:4],
+                                            return_attention=True)
+        was_training = t.D.training
+        t.D.eval()  # no power iteration: drawing must not change the training state
+        _, d_attention = t.D(self.real_for_maps, self.y_for_maps, return_attention=True)
+        t.D.train(was_training)
+        for name, images, attention in (("G", g_images, g_attention), ("D", self.real_for_maps, d_attention)):
+            overlay = attention_overlays(images.float(), attention)
+            save_png(overlay, self.run / "attention" / f"{name}_step_{step:07d}.png")
+            save_png(overlay, self.run / "attention" / f"{name}_latest.png")
+
+    def close(self) -> None:
+        if self.tensorboard:
+            self.tensorboard.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+def train(o: dict) -> dict:
+    """Train to o['steps'] G steps; returns a summary (the last metrics, paths)."""
+    t = Trainer(o)
+    out = Outputs(t) if t.main else None
+    if t.world > 1:
+        dist.barrier()
+    if out and o["progress"]:
+        from tqdm import tqdm
+        bar = tqdm(total=o["steps"], initial=t.step, unit="step", dynamic_ncols=True)
+    else:
+        bar = None
+    say = (bar.write if bar else print) if t.main else (lambda *_: None)
+    if out:
+        say(f"sagan-train: {o['dataset']} ({len(t.data)} images, {t.num_classes or 'no'} classes) at "
+            f"{o['image_size']}x{o['image_size']}, {o['ops']} ops, {o['attention']} attention at "
+            f"{o['attention_res'] or default_attention_resolution(o['image_size'])}x"
+            f"{o['attention_res'] or default_attention_resolution(o['image_size'])}, {t.world} process(es) on {t.device}; "
+            f"proxy classifier accuracy {out.classifier_accuracy:.3f}"
+            + (f"; resumed from {t.resumed_from} at step {t.step}" if o["resume"] else ""))
+
+    first_bad = torch.full((), -1, dtype=torch.long, device=t.device)  # first step with a non-finite loss
+    last_checkpoint, last_metrics = (t.resumed_from if o["resume"] else None), {}
+    sums, since, clock = {}, 0, time.perf_counter()
+    images_per_step = o["batch_size"] * t.world * o["d_steps"]
+
+    def check_finite() -> None:
+        bad = first_bad.clone()
+        if t.world > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() >= 0:
+            raise TrainingDiverged(f"a loss became NaN or inf at step {bad.item() + 1}; training stopped. The last good "
+                                   f"checkpoint is {last_checkpoint or '(none yet)'}; try a lower learning rate or "
+                                   f"--amp none, then --resume.")
+
+    try:
+        while t.step < o["steps"]:
+            losses = t.train_step()
+            finite = torch.isfinite(losses["loss_d"]) & torch.isfinite(losses["loss_g"])
+            first_bad = torch.where(finite | (first_bad >= 0), first_bad, t.step - 1)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0) + v
+            since += 1
+            if bar:
+                bar.update(1)
+            at_log, at_eval = t.step % o["log_every"] == 0, t.step % o["eval_every"] == 0 or t.step == o["steps"]
+            at_checkpoint = t.step % o["checkpoint_every"] == 0 or t.step == o["steps"]
+            if not (at_log or at_eval or at_checkpoint):
+                continue
+            check_finite()
+            if at_log or at_eval:
+                means = {k: (v / since).item() for k, v in sums.items()}
+                row = dict(step=t.step, images_per_s=images_per_step * since / (time.perf_counter() - clock), **means)
+                if out and at_eval:
+                    row.update(out.evaluate(t.step))
+                    say(f"step {t.step}: " + ", ".join(f"{k} {row[k]:.4g}" for k in
+                                                       ("loss_d", "loss_g", "fd_proxy", "class_consistency", "fid") if k in row))
+                if out:
+                    out.log(row)
+                last_metrics = row
+                if bar:
+                    bar.set_postfix({"img/s": f"{row['images_per_s']:.0f}", "D": f"{means['loss_d']:.3f}",
+                                     "G": f"{means['loss_g']:.3f}"})
+                sums, since, clock = {}, 0, time.perf_counter()
+            if at_checkpoint:
+                last_checkpoint = t.save_checkpoint() or last_checkpoint
+    finally:
+        if bar:
+            bar.close()
+        if out:
+            out.close()
+    summary = dict(run=str(t.run), step=t.step, checkpoint=str(last_checkpoint), metrics=last_metrics)
+    if out:
+        print(f"done: {t.step} steps. Run folder {t.run}/: samples/latest.png (one row per class), "
+              f"attention/G_latest.png and D_latest.png (where query points attend), metrics.csv, tensorboard/ "
+              f"(tensorboard --logdir {t.run}), checkpoints/ (last: {last_checkpoint}).")
+    if t.world > 1:
+        dist.barrier()
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Command lines.
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        train(resolve_options(argv))
+    except UsageError as e:
+        print(f"sagan-train: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"sagan-train: {e}", file=sys.stderr)
+        return 3
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def sample_main(argv: list[str] | None = None) -> int:
+    """sagan-sample RUN_OR_CHECKPOINT: a grid of samples from G's EMA (one row per class)."""
+    p = argparse.ArgumentParser(prog="sagan-sample", description=sample_main.__doc__)
+    p.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint file")
+    p.add_argument("--output", default="samples.png", help="PNG file (default samples.png)")
+    p.add_argument("--per-class", type=int, default=8, help="samples per class, or per row if unconditional")
+    p.add_argument("--classes", type=int, nargs="*", help="which classes (default: all, up to 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+    try:
+        path = Path(a.checkpoint)
+        if path.is_dir():
+            found = checkpoints(path)
+            if not found:
+                raise UsageError(f"{path}: no checkpoints in {path / 'checkpoints'}")
+            path = found[-1]
+        elif not path.is_file():
+            raise UsageError(f"{path}: no such run folder or checkpoint")
+        state = load_checkpoint(path, torch.device(a.device))
+        o = state["config"]
+        g, _ = build_models(o["image_size"], state["channels"], state["num_classes"], ch=o["ch"], d_ch=o["d_ch"],
+                            z_dim=o["z_dim"], attention_res=o["attention_res"], attention=o["attention"], ops=o["ops"])
+        g.load_state_dict(state["G_ema"] or state["G"])
+        g = g.to(a.device).eval()
+        num_classes = state["num_classes"]
+        classes = a.classes if a.classes else list(range(min(num_classes, 10)))
+        if num_classes and any(not 0 <= c < num_classes for c in classes):
+            raise UsageError(f"--classes must be in [0, {num_classes}), got {classes}")
+        rows = len(classes) if num_classes else 8
+        gen = torch.Generator(a.device).manual_seed(a.seed)
+        z = torch.randn(rows * a.per_class, o["z_dim"], device=a.device, generator=gen)
+        y = torch.tensor(classes, device=a.device).repeat_interleave(a.per_class) if num_classes else None
+        save_png(grid(sample(g, z, y), rows), Path(a.output))
+    except UsageError as e:
+        print(f"sagan-sample: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {a.output} ({rows} rows of {a.per_class}) from {path} (step {state['step']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

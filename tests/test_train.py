@@ -1,0 +1,263 @@
+"""The trainer: tiny runs of every image size on both --ops, exact resume, a 2-process DDP run,
+NaN handling, bad arguments, the gradient penalty against the eager model, data loaders, metrics."""
+import csv
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sagan_ext import data, evaluation, models, train
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--ch", "8", "--batch-size", "2", "--eval-samples", "20", "--log-every", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def classifier_file(tmp_path_factory):
+    """The proxy classifier, trained once for the module and copied into each run folder."""
+    digits = data.load_digits(32)
+    model, accuracy = evaluation.train_classifier(digits, torch.device("cpu"), epochs=3)
+    path = tmp_path_factory.mktemp("classifier") / "classifier.pt"
+    torch.save({"model": model.state_dict(), "accuracy": accuracy}, path)
+    return path
+
+
+def run(out: Path, classifier_file: Path, *args: str) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "classifier.pt").exists():
+        shutil.copy(classifier_file, out / "classifier.pt")
+    return train.main(["--out", str(out), *TINY, *args])
+
+
+def metrics(out: Path) -> list[dict]:
+    with open(out / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("image_size", [32, 64, 128])
+@pytest.mark.parametrize("ops", ["fused", "eager"])
+def test_tiny_run_writes_everything(tmp_path, classifier_file, image_size, ops):
+    extra = ["--amp", "bf16", "--channels-last", "--attention", "biggan"] if image_size == 64 else []
+    assert run(tmp_path, classifier_file, "--image-size", str(image_size), "--ops", ops, "--steps", "2",
+               "--eval-every", "2", "--checkpoint-every", "2", *extra) == 0
+    rows = metrics(tmp_path)
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    for key in ("loss_d", "loss_g", "d_real", "d_fake", "gamma/G.attention", "sigma/D.embed"):
+        assert np.isfinite(float(rows[-1][key])), key
+    assert 0 <= float(rows[-1]["class_consistency"]) <= 1 and float(rows[-1]["fd_proxy"]) > 0
+    for name in ("samples/latest.png", "samples/step_0000002.png", "attention/G_latest.png", "attention/D_latest.png",
+                 "checkpoints/step_0000002.pt", "config.json"):
+        assert (tmp_path / name).is_file(), name
+    assert list((tmp_path / "tensorboard").iterdir())
+    from PIL import Image
+    with Image.open(tmp_path / "samples" / "latest.png") as im:  # 10 class rows of 8 samples
+        assert im.size == (8 * (image_size + 2), 10 * (image_size + 2))
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, classifier_file):
+    common = ["--steps", "4", "--checkpoint-every", "2", "--eval-every", "100"]
+    assert run(tmp_path / "straight", classifier_file, *common) == 0
+    assert run(tmp_path / "split", classifier_file, *common[:1], "2", *common[2:]) == 0
+    assert run(tmp_path / "split", classifier_file, "--resume", str(tmp_path / "split"), "--steps", "4") == 0
+    straight, split = metrics(tmp_path / "straight"), metrics(tmp_path / "split")
+    assert [r["step"] for r in split] == ["1", "2", "3", "4"]
+    for a, b in zip(straight, split):
+        for key in ("loss_d", "loss_g", "d_real", "d_fake", "sigma/D.linear", "gamma/G.attention"):
+            assert float(a[key]) == float(b[key]), (a["step"], key)
+    ckpt_a = torch.load(tmp_path / "straight" / "checkpoints" / "step_0000004.pt", weights_only=True)
+    ckpt_b = torch.load(tmp_path / "split" / "checkpoints" / "step_0000004.pt", weights_only=True)
+    for k, v in ckpt_a["G_ema"].items():
+        assert torch.equal(v, ckpt_b["G_ema"][k]), k
+
+
+def test_resume_drops_metrics_rows_past_the_checkpoint_and_keeps_the_last_k(tmp_path, classifier_file):
+    assert run(tmp_path, classifier_file, "--steps", "5", "--checkpoint-every", "2", "--keep-checkpoints", "2",
+               "--eval-every", "100") == 0
+    assert [p.name for p in train.checkpoints(tmp_path)] == ["step_0000004.pt", "step_0000005.pt"]
+    (tmp_path / "checkpoints" / "step_0000005.pt").unlink()  # as if the run died after step 5's metrics row
+    assert run(tmp_path, classifier_file, "--resume", str(tmp_path), "--steps", "6") == 0
+    assert [r["step"] for r in metrics(tmp_path)] == ["1", "2", "3", "4", "5", "6"]
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, classifier_file, monkeypatch, capsys):
+    hinge = train.discriminator_loss
+    calls = []
+
+    def poisoned(real, fake, loss):
+        calls.append(1)
+        value = hinge(real, fake, loss)
+        return value * float("nan") if len(calls) == 3 else value
+
+    monkeypatch.setattr(train, "discriminator_loss", poisoned)
+    assert run(tmp_path, classifier_file, "--steps", "6", "--checkpoint-every", "2", "--log-every", "2",
+               "--eval-every", "100") == 3
+    message = capsys.readouterr().err
+    assert "NaN or inf at step 3" in message and "step_0000002.pt" in message
+    assert [p.name for p in train.checkpoints(tmp_path)] == ["step_0000002.pt"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_run_on_gloo(tmp_path, classifier_file):
+    tmp_path.mkdir(exist_ok=True)
+    shutil.copy(classifier_file, tmp_path / "classifier.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "sagan_ext.train", "--out", str(tmp_path), *TINY, "--steps", "3", "--checkpoint-every", "3",
+           "--eval-every", "3"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout + result.stderr
+    # the checkpoint is written after the ranks compared their weights and SN vectors (check_replicas)
+    state = torch.load(tmp_path / "checkpoints" / "step_0000003.pt", weights_only=True)
+    assert state["step"] == 3 and len(metrics(tmp_path)) == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "no-such-dataset"], "unknown dataset 'no-such-dataset'"),
+    (["--image-size", "48"], "--image-size must be one of (32, 64, 128)"),
+    (["--attention-res", "32"], "attention resolution for 32-pixel images must be one of (8, 16)"),
+    (["--steps", "0"], "--steps must be a positive integer"),
+    (["--resume", "/nonexistent/run"], "not a run folder"),
+])
+def test_bad_arguments_get_one_clear_message(tmp_path, args, message, capsys):
+    assert train.main(["--out", str(tmp_path / "run"), *TINY, *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_dataset_folder_and_corrupt_checkpoint(tmp_path, classifier_file, capsys):
+    (tmp_path / "empty").mkdir()
+    assert train.main(["--out", str(tmp_path / "a"), *TINY, "--dataset", str(tmp_path / "empty")]) == 2
+    assert "no sub-folders" in capsys.readouterr().err
+    assert run(tmp_path / "b", classifier_file, "--steps", "1", "--eval-every", "100") == 0
+    (tmp_path / "b" / "checkpoints" / "step_0000001.pt").write_bytes(b"not a checkpoint")
+    assert train.main(["--resume", str(tmp_path / "b"), "--steps", "2"]) == 2
+    assert "step_0000001.pt is unreadable or corrupt" in capsys.readouterr().err
+    assert train.main(["--resume", str(tmp_path / "b"), "--ch", "16"]) == 2
+    assert "cannot change --ch" in capsys.readouterr().err
+
+
+def test_sample_command_writes_a_grid(tmp_path, classifier_file, capsys):
+    assert run(tmp_path, classifier_file, "--steps", "1", "--eval-every", "100") == 0
+    out = tmp_path / "grid.png"
+    assert train.sample_main([str(tmp_path), "--output", str(out), "--per-class", "3", "--classes", "1", "7"]) == 0
+    from PIL import Image
+    with Image.open(out) as im:
+        assert im.size == (3 * 34, 2 * 34)
+    assert train.sample_main([str(tmp_path / "nothing")]) == 2
+
+
+def test_config_file_sets_options(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('steps = 7\nlr_g = 2e-4\nloss = "ns"\n')
+    o = train.resolve_options(["--config", str(cfg), "--steps", "9"])
+    assert (o["steps"], o["lr_g"], o["loss"], o["lr_d"]) == (9, 2e-4, "ns", 4e-4)
+    (tmp_path / "bad.json").write_text('{"stepz": 3}')
+    with pytest.raises(train.UsageError, match=r"unknown options \['stepz'\]"):
+        train.resolve_options(["--config", str(tmp_path / "bad.json")])
+
+
+@pytest.mark.parametrize("variant", ["sagan", "biggan"])
+def test_fused_and_eager_models_agree_including_the_gradient_penalty(variant):
+    """Same state dict, same logits, same WGAN-GP penalty and the same gradients (the penalty's
+    double backward runs through the fused op's reference double backward)."""
+    torch.manual_seed(0)
+    nets = {ops: models.build_models(32, 1, 10, ch=8, attention=variant, ops=ops) for ops in ("fused", "eager")}
+    nets["eager"][0].load_state_dict(nets["fused"][0].state_dict())
+    nets["eager"][1].load_state_dict(nets["fused"][1].state_dict())
+    z, y = torch.randn(3, 128, dtype=torch.float64), torch.tensor([0, 4, 9])
+    real = torch.rand(3, 1, 32, 32, dtype=torch.float64) * 2 - 1
+    grads = {}
+    for ops, (g, d) in nets.items():
+        g.double(), d.double()
+        for m in (g, d):
+            torch.nn.init.constant_(m.attention.gamma, 0.7)
+        fake = g(z, y)
+        mixed = (0.3 * real + 0.7 * fake).detach().requires_grad_(True)
+        penalty = train.gradient_penalty(d(mixed, y), mixed)
+        loss = train.discriminator_loss(d(real, y), d(fake, y), "wgan-gp") + 10 * penalty
+        loss.backward()
+        grads[ops] = (loss.detach(), penalty.detach(), {n: p.grad for n, p in [*g.named_parameters(), *d.named_parameters()]})
+    (loss_f, pen_f, g_f), (loss_e, pen_e, g_e) = grads["fused"], grads["eager"]
+    torch.testing.assert_close(loss_f, loss_e, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(pen_f, pen_e, rtol=1e-9, atol=1e-9)
+    assert pen_f > 0
+    for name, grad in g_f.items():
+        torch.testing.assert_close(grad, g_e[name], rtol=1e-7, atol=1e-9, msg=name)
+
+
+def test_batch_indices_split_a_global_batch_across_ranks_and_cover_each_epoch():
+    single = [data.batch_indices(20, 4, s, seed=1) for s in range(5)]
+    assert sorted(torch.cat(single).tolist()) == list(range(20))  # one epoch, every image once
+    assert not torch.equal(data.batch_indices(20, 4, 0, seed=1), data.batch_indices(20, 4, 5, seed=1))
+    for step in range(4):  # 2 ranks x 2 = rank shares of the same global batch
+        ranks = torch.cat([data.batch_indices(20, 2, step, seed=1, rank=r, world_size=2) for r in range(2)])
+        assert torch.equal(ranks, single[step])
+    with pytest.raises(data.DatasetError, match="fewer than one global batch"):
+        data.batch_indices(3, 4, 0, seed=0)
+
+
+def test_dataset_loaders(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "folder" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "folder" / cls / f"{i}.png")
+    folder = data.load_dataset(str(tmp_path / "folder"), 32)
+    assert folder.images.shape == (6, 3, 32, 32) and folder.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert folder.class_names == ["cat", "dog"] and folder.num_classes == 2
+
+    np.savez(tmp_path / "set.npz", images=rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8), labels=np.arange(5) % 2)
+    npz = data.load_dataset(str(tmp_path / "set.npz"), 32)
+    assert npz.images.shape == (5, 3, 32, 32) and npz.num_classes == 2
+
+    cifar = tmp_path / "cifar-10-batches-py"
+    cifar.mkdir()
+    for i in range(1, 6):
+        batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [i % 10] * 4}
+        (cifar / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
+    c10 = data.load_dataset(str(tmp_path), 32)
+    assert c10.images.shape == (20, 3, 32, 32) and c10.labels[:4].tolist() == [1] * 4
+    # a pixel survives the trip (no resize at 32): channel-major rows as CIFAR stores them
+    raw = pickle.loads((cifar / "data_batch_1").read_bytes())[b"data"][0].reshape(3, 32, 32)
+    assert torch.equal(c10.images[0], torch.from_numpy(raw))
+
+    digits = data.load_dataset("digits", 32)
+    assert digits.images.shape == (1797, 1, 32, 32) and digits.num_classes == 10
+
+
+def test_frechet_distance_matches_the_closed_form_for_diagonal_covariances():
+    mu_a, mu_b = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    var_a, var_b = torch.rand(5, dtype=torch.float64) + 0.1, torch.rand(5, dtype=torch.float64) + 0.1
+    expected = (mu_a - mu_b).square().sum() + (var_a.sqrt() - var_b.sqrt()).square().sum()
+    got = evaluation.frechet_distance((mu_a, torch.diag(var_a)), (mu_b, torch.diag(var_b)))
+    assert abs(got - expected.item()) < 1e-9
+    # and a rotated (non-diagonal) pair: the distance is rotation invariant
+    q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))
+    rotated = evaluation.frechet_distance((q @ mu_a, q @ torch.diag(var_a) @ q.T), (q @ mu_b, q @ torch.diag(var_b) @ q.T))
+    assert abs(rotated - expected.item()) < 1e-8
+
+
+def test_attention_overlays_put_the_heat_where_the_attention_is():
+    images = torch.zeros(1, 1, 16, 16)
+    attention = torch.zeros(1, 64, 64)
+    attention[0, :, 63] = 1.0  # every query looks at the bottom-right key
+    tiles = evaluation.attention_overlays(images, attention)  # (3, T + 2, 4 * (T + 2)), tiles upscaled
+    t = tiles.shape[1] - 2
+    assert t >= 64 and tiles.shape[2] == 4 * (t + 2)
+    heat = tiles[0, 1:t + 1, t + 3:2 * t + 3].float()  # red channel of the first overlay
+    corner = t // 8
+    assert heat[-corner:, -corner:].min() > 180 and heat[:t // 2, :t // 2].max() < 100
