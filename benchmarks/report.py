@@ -27,6 +27,11 @@ def load(path: Path):
             contender = params.get("contender", "compiled_eager")
             key = (info.get("mode"), info.get("variant"), _shape(params))
             timing[key][contender] = dict(ms=bench["stats"]["median"] * 1e3, gflops=info.get("gflops_per_s"))
+        elif name == "test_train_step":
+            timing[("train step", "", (0, 0, 0))][params["ops"]] = dict(
+                ms=bench["stats"]["median"] * 1e3, images_per_s=info.get("images_per_s"),
+                peak_mib=info.get("peak_memory_mib"), config=f"{info.get('image_size')}px, batch {info.get('batch_size')}, "
+                                                             f"ch {info.get('ch')}")
         elif name == "test_all_layers_forward_backward":
             timing[("spectral norm", "all SAGAN layers", (0, 0, 0))][params["impl"]] = dict(
                 ms=bench["stats"]["median"] * 1e3, gflops=None)
@@ -41,7 +46,7 @@ def markdown(machine, timing, memory) -> str:
     lines += ["| mode | variant | (B, C, H=W) | eager ms | SDPA ms | compiled eager ms | fused ms | fused vs eager | "
               "fused vs SDPA | fused GFLOP/s | % of matmul peak |", "|" + " --- |" * 11]
     for (mode, variant, shape), runs in sorted(timing.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]), kv[0][2])):
-        if mode == "spectral norm":
+        if mode in ("spectral norm", "train step"):
             continue
         fused = runs.get("fused")
         cell = lambda k: f"{runs[k]['ms']:.1f}" if k in runs else "-"  # noqa: E731
@@ -53,9 +58,16 @@ def markdown(machine, timing, memory) -> str:
                      f"{cell('sdpa')} | {cell('compiled_eager')} | {cell('fused')} | {ratio('eager')} | {ratio('sdpa')} | - | - |")
     sn = timing.get(("spectral norm", "all SAGAN layers", (0, 0, 0)))
     if sn and "torch" in sn and "sagan_ext" in sn:
-        lines += ["", f"Spectral norm, every SN layer of a SAGAN-64 G and D, forward+backward: "
+        lines += ["", f"Spectral norm, every SN layer of the trainer's SAGAN-128 G and D, forward+backward: "
                       f"torch {sn['torch']['ms']:.1f} ms, sagan_ext {sn['sagan_ext']['ms']:.1f} ms "
                       f"({sn['torch']['ms'] / sn['sagan_ext']['ms']:.2f}x)."]
+    step = timing.get(("train step", "", (0, 0, 0)))
+    if step and "eager" in step and "fused" in step:
+        e, f = step["eager"], step["fused"]
+        memory_note = (f"; peak memory {f['peak_mib']:.0f} MiB vs {e['peak_mib']:.0f} MiB "
+                       f"({f['peak_mib'] / e['peak_mib']:.2f}x)" if f.get("peak_mib") and e.get("peak_mib") else "")
+        lines += ["", f"Trainer step (D step + G step, {f['config']}): fused {f['ms']:.0f} ms, "
+                      f"--ops eager {e['ms']:.0f} ms ({e['ms'] / f['ms']:.2f}x the steps/s){memory_note}."]
     if memory:
         lines += ["", "Peak memory above the inputs, one forward+backward (MiB; OOM/failed shown as -):", "",
                   "| (B, C, H=W) | N x N map | eager | SDPA | fused | eager / fused |", "|" + " --- |" * 6]

@@ -1,23 +1,17 @@
-"""Spectral norm of every SN layer of a SAGAN-sized G and D, one training forward+backward:
+"""Spectral norm of every SN layer of the trainer's SAGAN-128 G and D, one training forward+backward:
 sagan_ext.spectral_norm vs torch.nn.utils.spectral_norm."""
 import pytest
 import torch
 from torch import nn
 
 import sagan_ext
+from sagan_ext import models
 
 
 def sagan_layers(ch=64):
-    """The conv/linear shapes of a 64x64 SAGAN G and D (channel widths as in the paper's code)."""
-    layers = [nn.Linear(128, 4 * 4 * ch * 8)]
-    for cin, cout in ((8, 4), (4, 2), (2, 1)):  # G blocks
-        layers += [nn.Conv2d(ch * cin, ch * cout, 3, padding=1), nn.Conv2d(ch * cout, ch * cout, 3, padding=1),
-                   nn.Conv2d(ch * cin, ch * cout, 1)]
-    for cin, cout in ((1, 2), (2, 4), (4, 8), (8, 16)):  # D blocks
-        layers += [nn.Conv2d(ch * cin, ch * cout, 3, padding=1), nn.Conv2d(ch * cout, ch * cout, 3, padding=1),
-                   nn.Conv2d(ch * cin, ch * cout, 1)]
-    layers += [nn.Linear(ch * 16, 1), nn.Conv2d(ch, 3, 3, padding=1)]
-    return layers
+    """Every spectrally normalised layer of the trainer's 128 x 128 G and D (base width `ch`)."""
+    g, d = models.Generator(128, 3, 1000, ch=ch), models.Discriminator(128, 3, 1000, ch=ch)
+    return models.spectral_norm_layers(g) + models.spectral_norm_layers(d)
 
 
 @pytest.mark.parametrize("impl", ["torch", "sagan_ext"])

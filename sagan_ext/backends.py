@@ -90,6 +90,52 @@ class CpuBackend(Backend):
         return dw.to(dtype)
 
 
+class CudaBackend(Backend):
+    """CUDA C++ kernels (csrc/cuda): FFMA with float32 accumulation for fp32/fp16/bf16, query/key
+    dim up to 64 (wider ones run on the next backend that takes them); spectral norm in one
+    cooperative launch each way."""
+
+    name, devices = "cuda", ("cuda",)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    max_query_key_dim = 64
+
+    def unavailable(self):
+        return _build.load("cuda")
+
+    @staticmethod
+    def _stream(t):
+        return torch.cuda.current_stream(t.device).cuda_stream
+
+    def _fallback(self, q):
+        for name in ("triton", "reference"):
+            backend = BACKENDS[name]
+            if backend.refusal(q.device, q.dtype) is None:
+                return backend
+        raise AssertionError("the reference backend takes every input")
+
+    def attention_forward(self, q, k, v):
+        if q.shape[-1] > self.max_query_key_dim:
+            return self._fallback(q).attention_forward(q, k, v)
+        with torch.cuda.device(q.device):
+            return torch.ops.sagan_ext_cuda.attention_forward(q, k, v, self._stream(q))
+
+    def attention_backward(self, do, q, k, v, o, lse):
+        if q.shape[-1] > self.max_query_key_dim:
+            return self._fallback(q).attention_backward(do, q, k, v, o, lse)
+        with torch.cuda.device(q.device):
+            return torch.ops.sagan_ext_cuda.attention_backward(do, q, k, v, o, lse, self._stream(q))
+
+    def spectral_norm_forward(self, w, u, v, iterations, eps):
+        with torch.cuda.device(w.device):
+            w_sn, sigma, u_new, v_new = torch.ops.sagan_ext_cuda.spectral_norm_forward(w, u, v, iterations, eps, self._stream(w))
+        u.copy_(u_new), v.copy_(v_new)
+        return w_sn, sigma.to(w.dtype)
+
+    def spectral_norm_backward(self, g, grad_sigma, w_sn, u, v, sigma):
+        with torch.cuda.device(g.device):
+            return torch.ops.sagan_ext_cuda.spectral_norm_backward(g, grad_sigma, w_sn, u, v, sigma, self._stream(g))
+
+
 class TritonBackend(Backend):
     """Triton kernels (triton_kernels.py) on CUDA GPUs; on the CPU only under the Triton
     interpreter (TRITON_INTERPRET=1: exact, slow; for tests). fp16/bf16/fp32; fp32 dots are TF32
@@ -135,14 +181,14 @@ class TritonBackend(Backend):
         return torch.ops.sagan_ext_triton.spectral_norm_backward(g, grad_sigma, w_sn, u, v, sigma)
 
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), CpuBackend(), TritonBackend())}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), CpuBackend(), CudaBackend(), TritonBackend())}
 
 # Fastest first, per device. The reference always serves, so "auto" never fails.
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 
 def names() -> tuple[str, ...]:
-    return ("auto", "reference", "cpu", "cuda", "triton")
+    return ("auto", *BACKENDS)
 
 
 def select(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
@@ -150,29 +196,19 @@ def select(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     if name not in names():
         raise ValueError(f"backend must be one of {names()}, got {name!r}")
     if name != "auto":
-        backend = BACKENDS.get(name)
-        reason = backend.refusal(device, dtype) if backend else _missing_reason(name)
+        reason = BACKENDS[name].refusal(device, dtype)
         if reason:
             raise ValueError(f"backend={name!r} cannot run a {dtype} input on {device}: {reason}")
-        return backend
+        return BACKENDS[name]
     refusals = []
     for candidate in AUTO_ORDER.get(device.type, ("reference",)):
-        backend = BACKENDS.get(candidate)
-        reason = backend.refusal(device, dtype) if backend else _missing_reason(candidate)
+        reason = BACKENDS[candidate].refusal(device, dtype)
         if reason is None:
-            return backend
+            return BACKENDS[candidate]
         refusals.append(f"{candidate}: {reason}")
     raise ValueError(f"no backend can run a {dtype} input on {device}: " + "; ".join(refusals))
 
 
-def _missing_reason(name: str) -> str:
-    return f"this version of sagan_ext has no {name} kernels yet"
-
-
 def available_backends() -> dict[str, Optional[str]]:
     """{backend: None if it works on this machine, else the reason it does not}."""
-    status = {}
-    for name in names()[1:]:
-        backend = BACKENDS.get(name)
-        status[name] = backend.unavailable() if backend else _missing_reason(name)
-    return status
+    return {name: backend.unavailable() for name, backend in BACKENDS.items()}

@@ -37,11 +37,11 @@ from .models import IMAGE_SIZES, build_models, default_attention_resolution, lay
 # Options: defaults < --config file < the run's saved config (--resume) < the command line.
 
 DEFAULTS = dict(
-    dataset="digits", image_size=32, steps=2000, batch_size=64, out="runs/sagan", resume=None, device="auto",
-    ops="fused", attention="sagan", attention_res=None, unconditional=False, ch=32, d_ch=None, z_dim=128,
+    dataset="digits", image_size=32, steps=1500, batch_size=32, out="runs/sagan", resume=None, device="auto",
+    ops="fused", attention="sagan", attention_res=None, unconditional=False, ch=16, d_ch=None, z_dim=128,
     loss="hinge", gp_weight=10.0, lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.9, d_steps=1,
     ema_decay=0.999, amp="none", channels_last=False, compile=False, seed=0,
-    log_every=25, eval_every=500, eval_samples=1000, checkpoint_every=500, keep_checkpoints=3,
+    log_every=25, eval_every=250, eval_samples=1000, checkpoint_every=250, keep_checkpoints=3,
     inception=None, progress=True,
 )
 # what a resumed run may change; anything else would make it a different run
@@ -67,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
     d = DEFAULTS
     p.add_argument("--config", help="JSON or TOML file of options")
     p.add_argument("--dataset", help="'digits' (embedded, default), an image folder with one sub-folder per class, "
-                                     f"a CIFAR-10 python folder (data_batch_1..5) or an .npz file (images, labels)")
+                                     "a CIFAR-10 python folder (data_batch_1..5) or an .npz file (images, labels)")
     p.add_argument("--image-size", type=int, help=f"one of {IMAGE_SIZES} (default {d['image_size']})")
     p.add_argument("--steps", type=int, help=f"total G steps; with --resume, continue up to it (default {d['steps']})")
     p.add_argument("--batch-size", type=int, help=f"per process (default {d['batch_size']})")

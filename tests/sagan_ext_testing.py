@@ -5,18 +5,18 @@ import sagan_ext
 from sagan_ext import reference
 
 
-def attention_inputs(variant, b, c, h, w, dtype=torch.float64, qk_reduction=8):
+def attention_inputs(variant, b, c, h, w, dtype=torch.float64, qk_reduction=8, device="cpu"):
     """Fresh random leaf tensors (weights scaled like a 1x1 conv's init; gamma non-zero)."""
     dk = max(c // qk_reduction, 1)
     dv = c if variant == "sagan" else c // 2
-    rand = lambda *s, scale=1.0: (torch.randn(*s, dtype=torch.float64) * scale).to(dtype).requires_grad_()  # noqa: E731
+    rand = lambda *s, scale=1.0: (torch.randn(*s, dtype=torch.float64) * scale).to(device, dtype).requires_grad_()  # noqa: E731
     inputs = dict(x=rand(b, c, h, w), wq=rand(dk, c, scale=c ** -0.5), wk=rand(dk, c, scale=c ** -0.5),
                   wv=rand(dv, c, scale=c ** -0.5))
     if variant == "sagan":
         inputs.update(bq=rand(dk, scale=0.1), bk=rand(dk, scale=0.1), bv=rand(dv, scale=0.1))
     else:
         inputs["wo"] = rand(c, dv, scale=dv ** -0.5)
-    inputs["gamma"] = (torch.tensor([0.8], dtype=torch.float64).to(dtype)).requires_grad_()
+    inputs["gamma"] = (torch.tensor([0.8], dtype=torch.float64).to(device, dtype)).requires_grad_()
     return inputs
 
 
@@ -26,7 +26,7 @@ def _call(inputs, fn):
 
 
 def _grads(out, inputs, seed=1):
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.device, out.dtype)
     grads = torch.autograd.grad(out, list(inputs.values()), g)
     return out.detach(), dict(zip(inputs, grads))
 

@@ -14,6 +14,7 @@ from sagan_ext_testing import attention_grads, attention_inputs, reference_grads
 from test_attention import _assert_grads, _assert_relative, check_low_precision
 
 triton = pytest.importorskip("triton", reason="triton is not installed on this platform")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs the kernels interpreted
 
 # (variant, (B, C, H, W))
 CASES = [("sagan", (2, 8, 1, 1)), ("sagan", (2, 8, 7, 9)), ("sagan", (1, 64, 16, 16)), ("sagan", (1, 16, 15, 20)),
@@ -26,7 +27,7 @@ def test_triton_backend_is_available_here():
 
 @pytest.mark.parametrize("variant, shape", CASES, ids=[f"{v}-{'x'.join(map(str, s))}" for v, s in CASES])
 def test_float32_forward_and_every_gradient(variant, shape):
-    inputs = attention_inputs(variant, *shape, dtype=torch.float32)
+    inputs = attention_inputs(variant, *shape, dtype=torch.float32, device=DEVICE)
     out, grads = attention_grads(inputs, "triton")
     ref_out, ref_grads = reference_grads({k: v.detach().double().requires_grad_() for k, v in inputs.items()})
     assert out.dtype == torch.float32 and grads.keys() == ref_grads.keys()
@@ -40,11 +41,11 @@ def test_float32_forward_and_every_gradient(variant, shape):
 
 @pytest.mark.parametrize("variant", ["sagan", "biggan"])
 def test_float16_like_eager(variant):
-    check_low_precision("triton", torch.float16, attention_inputs(variant, 2, 16, 9, 8, dtype=torch.float16))
+    check_low_precision("triton", torch.float16, attention_inputs(variant, 2, 16, 9, 8, dtype=torch.float16, device=DEVICE))
 
 
 def test_large_logits_stay_finite_and_exact():
-    inputs = attention_inputs("sagan", 1, 16, 6, 6, dtype=torch.float32)
+    inputs = attention_inputs("sagan", 1, 16, 6, 6, dtype=torch.float32, device=DEVICE)
     with torch.no_grad():
         inputs["wq"].mul_(60), inputs["wk"].mul_(60)  # scores of order 1e3: exp() overflows without the max
     out, grads = attention_grads(inputs, "triton")
@@ -62,10 +63,11 @@ def test_large_logits_stay_finite_and_exact():
 def test_spectral_norm_matches_torch(make):
     torch.manual_seed(0)
     base = make()
-    theirs = torch.nn.utils.spectral_norm(make(), n_power_iterations=2)
-    ours = sagan_ext.spectral_norm(make(), n_power_iterations=2, backend="triton")
+    theirs = torch.nn.utils.spectral_norm(make().to(DEVICE), n_power_iterations=2)
+    ours = sagan_ext.spectral_norm(make().to(DEVICE), n_power_iterations=2, backend="triton")
     ours.load_state_dict(theirs.state_dict())
-    x = torch.randn(3, *((24, 9, 9) if isinstance(base, nn.Conv2d) else (12, 5, 5) if isinstance(base, nn.ConvTranspose2d) else (100,)))
+    shape = (24, 9, 9) if isinstance(base, nn.Conv2d) else (12, 5, 5) if isinstance(base, nn.ConvTranspose2d) else (100,)
+    x = torch.randn(3, *shape, device=DEVICE)
     for step in range(3):
         y_t, y_o = theirs(x), ours(x)
         torch.testing.assert_close(y_o, y_t, rtol=1e-5, atol=1e-5, msg=f"step {step}")
@@ -83,11 +85,11 @@ def test_spectral_norm_matches_torch(make):
 
 
 def test_spectral_norm_gradient_of_sigma():
-    w = torch.randn(20, 30, dtype=torch.float32, requires_grad=True)
-    u = nn.functional.normalize(torch.randn(20), dim=0)
-    v = nn.functional.normalize(torch.randn(30), dim=0)
-    gs = torch.randn(())
-    g = torch.randn(20, 30)
+    w = torch.randn(20, 30, device=DEVICE, requires_grad=True)
+    u = nn.functional.normalize(torch.randn(20, device=DEVICE), dim=0)
+    v = nn.functional.normalize(torch.randn(30, device=DEVICE), dim=0)
+    gs = torch.randn((), device=DEVICE)
+    g = torch.randn(20, 30, device=DEVICE)
     results = {}
     for backend in ("triton", "reference"):
         w_sn, sigma = sagan_ext.spectral_normalize(w, u.clone(), v.clone(), backend=backend)

@@ -1,0 +1,291 @@
+// Fused SAGAN attention core on CUDA cores (FFMA, float32 accumulation): the accurate path for
+// every dtype. One query (forward, dQ) or key (dV, dK) row per thread; the other side's rows are
+// staged through shared memory kTile at a time, where every thread reads the same element (a
+// broadcast). The query/key dim is padded to DK (16 or 64) in registers with zeros, never in memory.
+// The value dim is tiled across blocks (kDvTile) in the forward and dV, recomputing the cheap
+// q.k per tile; dK and dQ contract dO.v over the whole value dim in kChunk steps.
+#include <math.h>
+
+#include <type_traits>
+
+#include "common.cuh"
+
+namespace sagan_ext {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kTile = 32;
+constexpr int kDvTile = 64;
+constexpr int kChunk = 32;
+
+template <typename T>
+struct Views {  // the batch's rows of every tensor
+  const T *q, *k, *v, *o, *d_o;
+  __device__ Views(const AttentionParams& p, int b)
+      : q(static_cast<const T*>(p.q) + b * p.q_batch_stride),
+        k(static_cast<const T*>(p.k) + b * p.k_batch_stride),
+        v(static_cast<const T*>(p.v) + b * p.v_batch_stride),
+        o(static_cast<const T*>(p.o) + b * p.o_batch_stride),
+        d_o(static_cast<const T*>(p.d_o) + b * p.o_batch_stride) {}
+};
+
+template <typename T, int DK>
+__device__ __forceinline__ void load_row(float (&dst)[DK], const T* rows, int64_t stride, int row, int valid_rows, int dk) {
+#pragma unroll
+  for (int d = 0; d < DK; ++d) dst[d] = (row < valid_rows && d < dk) ? load(rows + row * stride + d) : 0.f;
+}
+
+// dst[r][c] = rows[(r0 + r) * stride + c0 + c], zero outside (valid_rows, valid_cols)
+template <typename T, int R, int C>
+__device__ __forceinline__ void stage(float (&dst)[R][C], const T* rows, int64_t stride, int r0, int valid_rows, int c0,
+                                      int valid_cols) {
+  for (int idx = threadIdx.x; idx < R * C; idx += blockDim.x) {
+    const int r = idx / C, c = idx % C;
+    dst[r][c] = (r0 + r < valid_rows && c0 + c < valid_cols) ? load(rows + (r0 + r) * stride + c0 + c) : 0.f;
+  }
+}
+
+template <int DK>
+__device__ __forceinline__ float dot(const float (&a)[DK], const float* b) {
+  float s = 0.f;
+#pragma unroll
+  for (int d = 0; d < DK; ++d) s = fmaf(a[d], b[d], s);
+  return s;
+}
+
+template <typename T, int DK>
+__global__ void __launch_bounds__(kThreads) attention_forward_kernel(AttentionParams p) {
+  const int b = blockIdx.y, row = blockIdx.x * kThreads + threadIdx.x, c0 = blockIdx.z * kDvTile;
+  const Views<T> t(p, b);
+  __shared__ float k_s[kTile][DK];
+  __shared__ float v_s[kTile][kDvTile];
+  float q[DK];
+  load_row<T, DK>(q, t.q, p.q_row_stride, row, p.n, p.dk);
+  float m = -INFINITY, l = 0.f, acc[kDvTile];
+#pragma unroll
+  for (int c = 0; c < kDvTile; ++c) acc[c] = 0.f;
+  for (int j0 = 0; j0 < p.m; j0 += kTile) {
+    const int tile = min(kTile, p.m - j0);
+    __syncthreads();
+    stage<T, kTile, DK>(k_s, t.k, p.k_row_stride, j0, p.m, 0, p.dk);
+    stage<T, kTile, kDvTile>(v_s, t.v, p.v_row_stride, j0, p.m, c0, p.dv);
+    __syncthreads();
+    float s[kTile], tile_max = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kTile; ++j) {
+      s[j] = j < tile ? dot<DK>(q, k_s[j]) : -INFINITY;
+      tile_max = fmaxf(tile_max, s[j]);
+    }
+    const float m_new = fmaxf(m, tile_max);  // finite: every tile has a key
+    const float alpha = expf(m - m_new);      // 0 on the first tile
+    l *= alpha;
+#pragma unroll
+    for (int c = 0; c < kDvTile; ++c) acc[c] *= alpha;
+#pragma unroll
+    for (int j = 0; j < kTile; ++j) {
+      const float pj = expf(s[j] - m_new);  // 0 past the last key
+      l += pj;
+#pragma unroll
+      for (int c = 0; c < kDvTile; ++c) acc[c] = fmaf(pj, v_s[j][c], acc[c]);
+    }
+    m = m_new;
+  }
+  if (row >= p.n) return;
+  T* o = static_cast<T*>(p.o) + b * p.o_batch_stride + row * p.o_row_stride + c0;
+  const float inv = 1.f / l;
+#pragma unroll
+  for (int c = 0; c < kDvTile; ++c)
+    if (c0 + c < p.dv) store(o + c, acc[c] * inv);
+  if (blockIdx.z == 0) p.lse[static_cast<int64_t>(b) * p.n + row] = m + logf(l);
+}
+
+// delta[b, i] = sum_c dO[b, i, c] * O[b, i, c]: one warp per row.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) attention_delta_kernel(AttentionParams p) {
+  const int b = blockIdx.y, row = blockIdx.x * (kThreads / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= p.n) return;  // the whole warp leaves together
+  const Views<T> t(p, b);
+  float acc = 0.f;
+  for (int c = lane; c < p.dv; c += 32) acc = fmaf(load(t.o + row * p.o_row_stride + c), load(t.d_o + row * p.o_row_stride + c), acc);
+  acc = warp_sum(acc);
+  if (lane == 0) p.delta[static_cast<int64_t>(b) * p.n + row] = acc;
+}
+
+// dV[j, c0:c0+kDvTile] = sum_i p_ij dO[i, c0:...]: one key per thread, queries staged.
+template <typename T, int DK>
+__global__ void __launch_bounds__(kThreads) attention_dv_kernel(AttentionParams p) {
+  const int b = blockIdx.y, key = blockIdx.x * kThreads + threadIdx.x, c0 = blockIdx.z * kDvTile;
+  const Views<T> t(p, b);
+  const float* lse = p.lse + static_cast<int64_t>(b) * p.n;
+  __shared__ float q_s[kTile][DK];
+  __shared__ float do_s[kTile][kDvTile];
+  __shared__ float lse_s[kTile];
+  float k[DK], acc[kDvTile];
+  load_row<T, DK>(k, t.k, p.k_row_stride, key, p.m, p.dk);
+#pragma unroll
+  for (int c = 0; c < kDvTile; ++c) acc[c] = 0.f;
+  for (int i0 = 0; i0 < p.n; i0 += kTile) {
+    const int tile = min(kTile, p.n - i0);
+    __syncthreads();
+    stage<T, kTile, DK>(q_s, t.q, p.q_row_stride, i0, p.n, 0, p.dk);
+    stage<T, kTile, kDvTile>(do_s, t.d_o, p.o_row_stride, i0, p.n, c0, p.dv);
+    if (threadIdx.x < kTile) lse_s[threadIdx.x] = threadIdx.x < tile ? lse[i0 + threadIdx.x] : 0.f;
+    __syncthreads();
+    for (int i = 0; i < tile; ++i) {
+      const float pij = expf(dot<DK>(k, q_s[i]) - lse_s[i]);
+#pragma unroll
+      for (int c = 0; c < kDvTile; ++c) acc[c] = fmaf(pij, do_s[i][c], acc[c]);
+    }
+  }
+  if (key >= p.m) return;
+  T* dv = static_cast<T*>(p.dv_out) + b * p.v_batch_stride + key * p.v_row_stride + c0;
+#pragma unroll
+  for (int c = 0; c < kDvTile; ++c)
+    if (c0 + c < p.dv) store(dv + c, acc[c]);
+}
+
+// dK[j] = sum_i dS_ij q_i with dS_ij = p_ij (dO_i . v_j - delta_i): one key per thread.
+template <typename T, int DK>
+__global__ void __launch_bounds__(kThreads) attention_dk_kernel(AttentionParams p) {
+  const int b = blockIdx.y, key = blockIdx.x * kThreads + threadIdx.x;
+  const Views<T> t(p, b);
+  const float* lse = p.lse + static_cast<int64_t>(b) * p.n;
+  const float* delta = p.delta + static_cast<int64_t>(b) * p.n;
+  __shared__ float q_s[kTile][DK];
+  __shared__ float do_s[kTile][kChunk];
+  __shared__ float lse_s[kTile], delta_s[kTile];
+  float k[DK], acc[DK];
+  load_row<T, DK>(k, t.k, p.k_row_stride, key, p.m, p.dk);
+#pragma unroll
+  for (int d = 0; d < DK; ++d) acc[d] = 0.f;
+  for (int i0 = 0; i0 < p.n; i0 += kTile) {
+    const int tile = min(kTile, p.n - i0);
+    __syncthreads();
+    stage<T, kTile, DK>(q_s, t.q, p.q_row_stride, i0, p.n, 0, p.dk);
+    if (threadIdx.x < kTile) {
+      lse_s[threadIdx.x] = threadIdx.x < tile ? lse[i0 + threadIdx.x] : 0.f;
+      delta_s[threadIdx.x] = threadIdx.x < tile ? delta[i0 + threadIdx.x] : 0.f;
+    }
+    float dp[kTile];
+#pragma unroll
+    for (int i = 0; i < kTile; ++i) dp[i] = 0.f;
+    for (int c0 = 0; c0 < p.dv; c0 += kChunk) {
+      __syncthreads();
+      stage<T, kTile, kChunk>(do_s, t.d_o, p.o_row_stride, i0, p.n, c0, p.dv);
+      __syncthreads();
+      float v[kChunk];
+#pragma unroll
+      for (int c = 0; c < kChunk; ++c) v[c] = (key < p.m && c0 + c < p.dv) ? load(t.v + key * p.v_row_stride + c0 + c) : 0.f;
+#pragma unroll
+      for (int i = 0; i < kTile; ++i)
+#pragma unroll
+        for (int c = 0; c < kChunk; ++c) dp[i] = fmaf(do_s[i][c], v[c], dp[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < kTile; ++i) {
+      if (i < tile) {
+        const float ds = expf(dot<DK>(k, q_s[i]) - lse_s[i]) * (dp[i] - delta_s[i]);
+#pragma unroll
+        for (int d = 0; d < DK; ++d) acc[d] = fmaf(ds, q_s[i][d], acc[d]);
+      }
+    }
+  }
+  if (key >= p.m) return;
+  T* dk = static_cast<T*>(p.dk_out) + b * p.k_batch_stride + key * p.k_row_stride;
+#pragma unroll
+  for (int d = 0; d < DK; ++d)
+    if (d < p.dk) store(dk + d, acc[d]);
+}
+
+// dQ[i] = sum_j dS_ij k_j: one query per thread, keys and value chunks staged.
+template <typename T, int DK>
+__global__ void __launch_bounds__(kThreads) attention_dq_kernel(AttentionParams p) {
+  const int b = blockIdx.y, row = blockIdx.x * kThreads + threadIdx.x;
+  const Views<T> t(p, b);
+  const bool active = row < p.n;
+  const float lse = active ? p.lse[static_cast<int64_t>(b) * p.n + row] : 0.f;
+  const float delta = active ? p.delta[static_cast<int64_t>(b) * p.n + row] : 0.f;
+  __shared__ float k_s[kTile][DK];
+  __shared__ float v_s[kTile][kChunk];
+  float q[DK], acc[DK];
+  load_row<T, DK>(q, t.q, p.q_row_stride, row, p.n, p.dk);
+#pragma unroll
+  for (int d = 0; d < DK; ++d) acc[d] = 0.f;
+  for (int j0 = 0; j0 < p.m; j0 += kTile) {
+    const int tile = min(kTile, p.m - j0);
+    __syncthreads();
+    stage<T, kTile, DK>(k_s, t.k, p.k_row_stride, j0, p.m, 0, p.dk);
+    float dp[kTile];
+#pragma unroll
+    for (int j = 0; j < kTile; ++j) dp[j] = 0.f;
+    for (int c0 = 0; c0 < p.dv; c0 += kChunk) {
+      __syncthreads();
+      stage<T, kTile, kChunk>(v_s, t.v, p.v_row_stride, j0, p.m, c0, p.dv);
+      __syncthreads();
+      float d_o[kChunk];
+#pragma unroll
+      for (int c = 0; c < kChunk; ++c) d_o[c] = (active && c0 + c < p.dv) ? load(t.d_o + row * p.o_row_stride + c0 + c) : 0.f;
+#pragma unroll
+      for (int j = 0; j < kTile; ++j)
+#pragma unroll
+        for (int c = 0; c < kChunk; ++c) dp[j] = fmaf(d_o[c], v_s[j][c], dp[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < kTile; ++j) {
+      if (j < tile) {
+        const float ds = expf(dot<DK>(q, k_s[j]) - lse) * (dp[j] - delta);
+#pragma unroll
+        for (int d = 0; d < DK; ++d) acc[d] = fmaf(ds, k_s[j][d], acc[d]);
+      }
+    }
+  }
+  if (!active) return;
+  T* dq = static_cast<T*>(p.dq) + b * p.q_batch_stride + row * p.q_row_stride;
+#pragma unroll
+  for (int d = 0; d < DK; ++d)
+    if (d < p.dk) store(dq + d, acc[d]);
+}
+
+// dk <= 16 runs the narrow instantiation; up to kMaxQueryKeyDim the wide one (two per kernel and
+// dtype keeps the JIT build small).
+template <typename F>
+cudaError_t dispatch_dk(int dk, F&& f) {
+  if (dk <= 0 || dk > kMaxQueryKeyDim) return cudaErrorInvalidValue;
+  if (dk <= 16) return f(std::integral_constant<int, 16>{});
+  return f(std::integral_constant<int, kMaxQueryKeyDim>{});
+}
+
+int blocks(int n, int per_block) { return (n + per_block - 1) / per_block; }
+
+}  // namespace
+
+cudaError_t attention_forward(const AttentionParams& p, cudaStream_t stream) {
+  if (p.batch == 0 || p.n == 0) return cudaSuccess;
+  if (p.m <= 0 || p.dv <= 0 || p.batch > 65535) return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto type) {
+    using T = decltype(type);
+    return dispatch_dk(p.dk, [&](auto dk) {
+      const dim3 grid(blocks(p.n, kThreads), p.batch, blocks(p.dv, kDvTile));
+      attention_forward_kernel<T, decltype(dk)::value><<<grid, kThreads, 0, stream>>>(p);
+      return cudaGetLastError();
+    });
+  });
+}
+
+cudaError_t attention_backward(const AttentionParams& p, cudaStream_t stream) {
+  if (p.batch == 0 || p.n == 0) return cudaSuccess;
+  if (p.m <= 0 || p.dv <= 0 || p.batch > 65535) return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto type) {
+    using T = decltype(type);
+    attention_delta_kernel<T><<<dim3(blocks(p.n, kThreads / 32), p.batch), kThreads, 0, stream>>>(p);
+    return dispatch_dk(p.dk, [&](auto dk) {
+      constexpr int DK = decltype(dk)::value;
+      attention_dv_kernel<T, DK><<<dim3(blocks(p.m, kThreads), p.batch, blocks(p.dv, kDvTile)), kThreads, 0, stream>>>(p);
+      attention_dk_kernel<T, DK><<<dim3(blocks(p.m, kThreads), p.batch), kThreads, 0, stream>>>(p);
+      attention_dq_kernel<T, DK><<<dim3(blocks(p.n, kThreads), p.batch), kThreads, 0, stream>>>(p);
+      return cudaGetLastError();
+    });
+  });
+}
+
+}  // namespace sagan_ext
