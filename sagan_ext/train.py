@@ -467,6 +467,18 @@ class Outputs:
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict:
+        """Metrics, samples and attention maps, with G (or its EMA) and D in eval mode: no BN
+        statistics or SN power iteration, so evaluating never changes the training state."""
+        modes = [(m, m.training) for m in (self.g_eval, self.t.D)]
+        for m, _ in modes:
+            m.eval()
+        try:
+            return self._evaluate(step)
+        finally:
+            for m, mode in modes:
+                m.train(mode)
+
+    def _evaluate(self, step: int) -> dict:
         t = self.t
         fake = sample(self.g_eval, self.eval_z, self.eval_y)
         features, logits = zip(*(self.classifier(fake[i:i + 500]) for i in range(0, len(fake), 500)))
@@ -478,7 +490,6 @@ class Outputs:
         self.draw(step)
         return result
 
-    @torch.no_grad()
     def draw(self, step: int) -> None:
         t = self.t
         images = sample(self.g_eval, self.grid_z, self.grid_y)
@@ -488,10 +499,7 @@ class Outputs:
             self.tensorboard.add_image("samples", grid(images, self.grid_rows), step)
         g_images, g_attention = self.g_eval(self.grid_z[::8][:4], None if self.grid_y is None else self.grid_y[::8][:4],
                                             return_attention=True)
-        was_training = t.D.training
-        t.D.eval()  # no power iteration: drawing must not change the training state
         _, d_attention = t.D(self.real_for_maps, self.y_for_maps, return_attention=True)
-        t.D.train(was_training)
         for name, images, attention in (("G", g_images, g_attention), ("D", self.real_for_maps, d_attention)):
             overlay = attention_overlays(images.float(), attention)
             save_png(overlay, self.run / "attention" / f"{name}_step_{step:07d}.png")

@@ -77,6 +77,16 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, classifi
         assert torch.equal(v, ckpt_b["G_ema"][k]), k
 
 
+def test_evaluating_does_not_change_training(tmp_path, classifier_file):
+    """Evaluation (samples, maps, metrics) puts G and D in eval mode: no BN statistics or SN power
+    iteration leak into training, even without an EMA copy of G."""
+    common = ["--steps", "3", "--ema-decay", "0", "--checkpoint-every", "100"]
+    assert run(tmp_path / "often", classifier_file, *common, "--eval-every", "1") == 0
+    assert run(tmp_path / "never", classifier_file, *common, "--eval-every", "100") == 0
+    for a, b in zip(metrics(tmp_path / "often"), metrics(tmp_path / "never")):
+        assert (a["loss_d"], a["loss_g"], a["sigma/G.linear"]) == (b["loss_d"], b["loss_g"], b["sigma/G.linear"])
+
+
 def test_resume_drops_metrics_rows_past_the_checkpoint_and_keeps_the_last_k(tmp_path, classifier_file):
     assert run(tmp_path, classifier_file, "--steps", "5", "--checkpoint-every", "2", "--keep-checkpoints", "2",
                "--eval-every", "100") == 0
