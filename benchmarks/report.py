@@ -21,7 +21,12 @@ def load(path: Path):
     for bench in data["benchmarks"]:
         params, info = bench.get("params") or {}, bench.get("extra_info", {})
         name = bench["name"].split("[")[0]
-        if name == "test_peak_memory":
+        if name.startswith("test_gpu_grid"):
+            key = ("gpu", info["mode"], info["variant"], info["dtype"], _shape(params))
+            ok = info.get("status") == "ok"
+            timing[key][info["contender"]] = dict(ms=bench["stats"]["median"] * 1e3 if ok else None,
+                                                  tflops=info.get("tflops_per_s"), peak_mib=info.get("peak_extra_mib"))
+        elif name == "test_peak_memory":
             memory[_shape(params)][params["contender"]] = info.get("peak_extra_mib")
         elif name.startswith("test_forward"):
             contender = params.get("contender", "compiled_eager")
@@ -45,7 +50,8 @@ def markdown(machine, timing, memory) -> str:
              f"{peak:.0f} GFLOP/s" if peak else "", ""]
     lines += ["| mode | variant | (B, C, H=W) | eager ms | SDPA ms | compiled eager ms | fused ms | fused vs eager | "
               "fused vs SDPA | fused GFLOP/s | % of matmul peak |", "|" + " --- |" * 11]
-    for (mode, variant, shape), runs in sorted(timing.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]), kv[0][2])):
+    cpu_rows = {k: v for k, v in timing.items() if k[0] != "gpu"}
+    for (mode, variant, shape), runs in sorted(cpu_rows.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]), kv[0][2])):
         if mode in ("spectral norm", "train step"):
             continue
         fused = runs.get("fused")
@@ -68,6 +74,7 @@ def markdown(machine, timing, memory) -> str:
                        f"({f['peak_mib'] / e['peak_mib']:.2f}x)" if f.get("peak_mib") and e.get("peak_mib") else "")
         lines += ["", f"Trainer step (D step + G step, {f['config']}): fused {f['ms']:.0f} ms, "
                       f"--ops eager {e['ms']:.0f} ms ({e['ms'] / f['ms']:.2f}x the steps/s){memory_note}."]
+    lines += gpu_grid_markdown(machine, {k[1:]: v for k, v in timing.items() if k[0] == "gpu"})
     if memory:
         lines += ["", "Peak memory above the inputs, one forward+backward (MiB; OOM/failed shown as -):", "",
                   "| (B, C, H=W) | N x N map | eager | SDPA | fused | eager / fused |", "|" + " --- |" * 6]
@@ -80,6 +87,33 @@ def markdown(machine, timing, memory) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gpu_grid_markdown(machine, grid) -> list[str]:
+    """One row per (mode, variant, dtype, shape): each contender's ms (or OOM), the best sagan_ext
+    backend against eager and the best SDPA, its TFLOP/s, % of the measured matmul rate, memory."""
+    if not grid:
+        return []
+    peaks = machine.get("measured_matmul_gflops_by_dtype") or {}
+    contenders = sorted({c for runs in grid.values() for c in runs})
+    lines = ["", f"GPU grid ({machine.get('cuda_device')}), fwd+bwd unless noted; ms, OOM when out of memory:", "",
+             "| mode | variant | dtype | (B, C, H=W) | " + " | ".join(contenders) +
+             " | best fused vs eager | vs best SDPA | fused TFLOP/s | % of matmul | fused / eager peak MiB |",
+             "|" + " --- |" * (len(contenders) + 9)]
+    for (mode, variant, dtype, shape), runs in sorted(grid.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        ms = {c: r["ms"] for c, r in runs.items()}
+        cells = [("OOM" if ms[c] is None else f"{ms[c]:.2f}") if c in ms else "-" for c in contenders]
+        fused = min((c for c in ("cuda", "triton") if ms.get(c)), key=lambda c: ms[c], default=None)
+        sdpa = min((c for c in ms if c.startswith("sdpa") and ms[c]), key=lambda c: ms[c], default=None)
+        ratio = lambda other: f"{ms[other] / ms[fused]:.2f}x" if fused and other and ms.get(other) else "-"  # noqa: E731
+        tflops = runs[fused]["tflops"] if fused else None
+        peak = peaks.get(dtype)
+        memory = (f"{runs[fused]['peak_mib']:.0f} / {runs['eager']['peak_mib']:.0f}"
+                  if fused and runs.get("eager", {}).get("peak_mib") else "-")
+        lines.append(f"| {mode} | {variant} | {dtype} | {shape} | " + " | ".join(cells) +
+                     f" | {ratio('eager')} | {ratio(sdpa)} | {f'{tflops:.1f}' if tflops else '-'} | "
+                     f"{f'{100 * tflops * 1e3 / peak:.0f}%' if tflops and peak else '-'} | {memory} |")
+    return lines
+
+
 def plots(timing, memory, stem: Path) -> list[Path]:
     try:
         import matplotlib
@@ -90,7 +124,10 @@ def plots(timing, memory, stem: Path) -> list[Path]:
         return []
     written = []
     series = defaultdict(list)  # fwd+bwd, sagan, C=64: time against N
-    for (mode, variant, (b, c, s)), runs in timing.items():
+    for key, runs in timing.items():
+        if key[0] == "gpu" or len(key) != 3:
+            continue
+        mode, variant, (b, c, s) = key
         if mode == "fwd+bwd" and variant == "sagan" and c == 64:
             for contender, rec in runs.items():
                 series[contender].append((s * s, rec["ms"] / b))

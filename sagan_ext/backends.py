@@ -3,6 +3,7 @@ one for an input and, when none fits, says why each was refused.
 
 A backend implements four kernels on position-major tensors (see reference.py):
   attention_forward(q, k, v) -> (o, lse)
+    [optional: attention_forward_residual(q, k, v, x, gamma) -> (x + gamma * o in x's layout, o, lse)]
   attention_backward(do, q, k, v, o, lse) -> (dq, dk, dv)
   spectral_norm_forward(w, u, v, iterations, eps) -> (w / sigma, sigma)   # w is (h, w); u, v updated in place
   spectral_norm_backward(g, grad_sigma, w_sn, u, v, sigma) -> dw
@@ -165,6 +166,10 @@ class TritonBackend(Backend):
     def attention_forward(self, q, k, v):
         self._kernels()
         return torch.ops.sagan_ext_triton.attention_forward(q, k, v)
+
+    def attention_forward_residual(self, q, k, v, x, gamma):
+        self._kernels()
+        return torch.ops.sagan_ext_triton.attention_forward_residual(q, k, v, x, gamma)
 
     def attention_backward(self, do, q, k, v, o, lse):
         self._kernels()

@@ -39,8 +39,9 @@ def interpreting() -> bool:
 def _attention_forward(
     Q, K, V, O, LSE, stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn, stride_ob, stride_on,
     N, M, DK, DV,
+    X, OUT, GAMMA, stride_xb, stride_xc, stride_xn, stride_outb, stride_outc, stride_outn,  # RESIDUAL: OUT = X + gamma O
     DK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, RESIDUAL: tl.constexpr,
 ):
     pid_m, b, pid_dv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -66,8 +67,14 @@ def _attention_forward(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
-    tl.store(O + b * stride_ob + rows[:, None] * stride_on + dvs[None, :], acc.to(O.dtype.element_ty),
-             mask=(rows[:, None] < N) & (dvs[None, :] < DV))
+    mask = (rows[:, None] < N) & (dvs[None, :] < DV)
+    tl.store(O + b * stride_ob + rows[:, None] * stride_on + dvs[None, :], acc.to(O.dtype.element_ty), mask=mask)
+    if RESIDUAL:  # written straight into x's (B, C, H, W) layout: channels dvs, positions rows
+        x = tl.load(X + b * stride_xb + dvs[None, :] * stride_xc + rows[:, None] * stride_xn, mask=mask, other=0.0)
+        gamma = tl.load(GAMMA).to(tl.float32)
+        out = x.to(tl.float32) + gamma * acc.to(O.dtype.element_ty).to(tl.float32)
+        tl.store(OUT + b * stride_outb + dvs[None, :] * stride_outc + rows[:, None] * stride_outn,
+                 out.to(OUT.dtype.element_ty), mask=mask)
     if pid_dv == 0:
         tl.store(LSE + b * N + rows, (m_i + tl.log2(l_i)) / LOG2E, mask=rows < N)
 
@@ -322,7 +329,7 @@ def _prune(configs, named_args, **_):
 
 
 PINNED = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DV=16)  # interpreter: small tiles, ragged tails everywhere
-_KEY = ["N", "M", "DK_PAD", "DV", "PRECISION"]
+_KEY = ["N", "M", "DK_PAD", "DV", "PRECISION", "RESIDUAL"]
 
 
 def _tuned(kernel):
@@ -355,18 +362,35 @@ def _unit_stride(*tensors: Tensor) -> list[Tensor]:
     return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
-@torch.library.triton_op("sagan_ext_triton::attention_forward", mutates_args=())
-def attention_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+def _forward(q: Tensor, k: Tensor, v: Tensor, x=None, gamma=None):
     q, k, v = _unit_stride(q, k, v)
     b, n, dk = q.shape
     m, dv = k.shape[1], v.shape[2]
     o = q.new_empty((b, n, dv))
     lse = q.new_empty((b, n), dtype=torch.float32)
+    residual = x is not None
+    out = torch.empty_like(x) if residual else o  # x's layout when dense, else contiguous
+    # (batch, channel, position) strides; a position steps like W does, as H and W merge (checked by the caller)
+    strides = (x.stride(0), x.stride(1), x.stride(3), out.stride(0), out.stride(1), out.stride(3)) if residual else (0,) * 6
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b, triton.cdiv(dv, meta["BLOCK_DV"]))  # noqa: E731
     torch.library.wrap_triton(_forward_kernel)[grid](
         q, k, v, o, lse, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        o.stride(0), o.stride(1), n, m, dk, dv, DK_PAD=_dk_pad(dk), PRECISION=_precision(q.dtype), **_launch_args())
+        o.stride(0), o.stride(1), n, m, dk, dv, x if residual else o, out, gamma if residual else o, *strides,
+        DK_PAD=_dk_pad(dk), PRECISION=_precision(q.dtype), RESIDUAL=residual, **_launch_args())
+    return out, o, lse
+
+
+@torch.library.triton_op("sagan_ext_triton::attention_forward", mutates_args=())
+def attention_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    _, o, lse = _forward(q, k, v)
     return o, lse
+
+
+@torch.library.triton_op("sagan_ext_triton::attention_forward_residual", mutates_args=())
+def attention_forward_residual(q: Tensor, k: Tensor, v: Tensor, x: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, o, lse) with out = x + gamma * o written into x's (B, C, H, W) layout by the epilogue;
+    x's H and W must share one stride step (NCHW or channels_last), v's channels are x's."""
+    return _forward(q, k, v, x, gamma.reshape(1))
 
 
 @torch.library.triton_op("sagan_ext_triton::attention_backward", mutates_args=())

@@ -105,3 +105,24 @@ def test_opcheck_triton_ops():
     lse = torch.ops.sagan_ext_triton.attention_forward(q, k, v)[1]
     o, do = torch.randn(2, 20, 24, device="cuda"), torch.randn(2, 20, 24, device="cuda")
     torch.library.opcheck(torch.ops.sagan_ext_triton.attention_backward, (do, q, k, v, o, lse))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "cropped", "one_row"])
+def test_fused_residual_epilogue_writes_x_layout(layout):
+    """The paper variant's residual x + gamma * o is written by the forward kernel's epilogue in
+    x's own layout (NCHW, channels_last, a strided view, H = 1); x whose H and W do not merge (a
+    cropped view) takes the unfused residual."""
+    h = 1 if layout == "one_row" else 6
+    inputs = attention_inputs("sagan", 2, 16, h, 10, dtype=torch.float32, device=DEVICE)
+    x = inputs["x"].detach()
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.cat([x, x], 3)[..., ::2]
+    elif layout == "cropped":
+        x = torch.cat([x, x], 3)[..., :10]
+    inputs["x"] = x.requires_grad_()
+    out, grads = attention_grads(inputs, "triton")
+    ref_out, ref_grads = reference_grads({k: v.detach().double().requires_grad_() for k, v in inputs.items()})
+    _assert_relative(out, ref_out, 1e-4, "out")
+    _assert_grads(grads, ref_grads, 1e-4)
