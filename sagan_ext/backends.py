@@ -154,6 +154,8 @@ class TritonBackend(Backend):
             self._kernels()
         except ImportError as e:
             return f"triton is not installed ({e})"
+        except Exception as e:  # a triton whose API this code does not match: say so, do not crash
+            return f"the triton kernels failed to load ({type(e).__name__}: {e})"
         if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
             return "needs a CUDA GPU (or TRITON_INTERPRET=1 to run its kernels on the CPU, slowly)"
         return None

@@ -106,6 +106,9 @@ class InceptionFID:
     convention of the `inception-2015-12-05.pt` file that StyleGAN2-ADA/3's metrics use."""
 
     def __init__(self, path: str, device: torch.device):
+        import zipfile
+        if not zipfile.is_zipfile(path):  # checked first: torch.jit.load of a non-archive can corrupt memory
+            raise ValueError(f"--inception {path}: not a TorchScript archive (expected a file saved by torch.jit.save)")
         try:
             self.model = torch.jit.load(path, map_location=device).eval()
         except Exception as e:

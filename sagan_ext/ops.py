@@ -24,6 +24,28 @@ from .backends import select
 # attention
 
 
+def _projections(x, wq, bq, wk, bk, wv, bv, pool):
+    """q, k, v as (B, N, d) views of one channel-major GEMM over x (x itself is never copied into
+    another layout), keys and values 2x2 max-pooled if `pool`; also the concatenated weight and
+    the pooling indices, for the backward."""
+    b, c, h, w = x.shape
+    dk, dv = wq.shape[0], wv.shape[0]
+    weight = torch.cat([wq, wk, wv])
+    xc = x.reshape(b, c, h * w)  # a view for NCHW and channels_last
+    if bq is None and bk is None and bv is None:
+        proj = torch.matmul(weight, xc)  # (B, P, N)
+    else:
+        bias = torch.cat([t if t is not None else x.new_zeros(d) for t, d in ((bq, dk), (bk, dk), (bv, dv))])
+        proj = torch.baddbmm(bias.view(1, -1, 1), weight.expand(b, -1, -1), xc)
+    indices = None
+    if pool:  # keys and values pooled together, as an NCHW map
+        kv, indices = F.max_pool2d(proj[:, dk:].unflatten(2, (h, w)), kernel_size=2, return_indices=True)
+        q, (k, v) = proj[:, :dk], kv.flatten(2).split([dk, dv], dim=1)
+    else:
+        q, k, v = proj.split([dk, dk, dv], dim=1)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), weight, indices
+
+
 @torch.library.custom_op("sagan_ext::attention_forward", mutates_args=())
 def attention_forward(
     x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
@@ -31,14 +53,14 @@ def attention_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (out, o, lse): out = x + gamma * Wo(o); o (B, N, dv) and lse (B, N) for the backward."""
     kernels = select(backend, x.device, x.dtype)
-    q, k, v = reference.project(x, wq, bq, wk, bk, wv, bv, pool)
+    q, k, v, _, _ = _projections(x, wq, bq, wk, bk, wv, bv, pool)
     h, w = x.shape[-2:]
     if wo is None and hasattr(kernels, "attention_forward_residual") and (h == 1 or x.stride(2) == w * x.stride(3)):
         return kernels.attention_forward_residual(q, k, v, x, gamma)  # the residual in the kernel's epilogue
     o, lse = kernels.attention_forward(q, k, v)
-    y = o if wo is None else F.linear(o, wo)
+    y = o.transpose(1, 2) if wo is None else torch.matmul(wo, o.transpose(1, 2))  # (B, C, N)
     out = torch.empty_like(x)
-    torch.addcmul(x, gamma.reshape(()), y.transpose(1, 2).reshape(x.shape), out=out)
+    torch.addcmul(x, gamma.reshape(()), y.reshape(x.shape), out=out)
     return out, o, lse
 
 
@@ -50,18 +72,6 @@ def _(x, wq, bq, wk, bk, wv, bv, wo, gamma, pool, backend):
             x.new_empty((b, n), dtype=reference.accumulation_dtype(x.dtype)))
 
 
-def _pool_with_indices(t: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
-    grid = t.transpose(1, 2).unflatten(2, (height, width))
-    pooled, indices = F.max_pool2d(grid, kernel_size=2, return_indices=True)
-    return reference.positions(pooled), indices
-
-
-def _unpool(grad: Tensor, indices: Tensor, height: int, width: int) -> Tensor:
-    grid = grad.transpose(1, 2).unflatten(2, indices.shape[-2:])
-    full = F.max_unpool2d(grid, indices, kernel_size=2, output_size=(height, width))
-    return reference.positions(full)
-
-
 @torch.library.custom_op("sagan_ext::attention_backward", mutates_args=())
 def attention_backward(
     grad_out: Tensor, x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
@@ -70,31 +80,33 @@ def attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dgamma); an absent input gets an empty tensor."""
     kernels = select(backend, x.device, x.dtype)
-    h, w = x.shape[-2:]
-    xt, g = reference.positions_contiguous(x), reference.positions_contiguous(grad_out)  # (B, N, C)
-    # Recompute the projections (one GEMM each) rather than keep them alive since the forward.
-    q, k, v = F.linear(xt, wq, bq), F.linear(xt, wk, bk), F.linear(xt, wv, bv)
-    if pool:
-        (k, k_idx), (v, v_idx) = _pool_with_indices(k, h, w), _pool_with_indices(v, h, w)
-    # out = x + gamma * y with y = o Wo^T: dgamma = <g, y> = <g Wo, o>, so the product g Wo that
-    # the backward needs anyway also gives dgamma, with no recomputation of y.
-    g_o = g if wo is None else g @ wo  # (B, N, dv)
+    b, c, h, w = x.shape
+    sizes = [wq.shape[0], wk.shape[0], wv.shape[0]]  # query, key and value channels
+    # Recompute the projections (one GEMM) rather than keep them alive since the forward.
+    q, k, v, weight, indices = _projections(x, wq, bq, wk, bk, wv, bv, pool)
+    xc, gc = x.reshape(b, c, h * w), grad_out.reshape(b, c, h * w)  # channel-major (B, C, N) views
+    # out = x + gamma * y with y = Wo o^T: dgamma = <g, y> = <Wo^T g, o^T>, so the product Wo^T g
+    # that the backward needs anyway also gives dgamma, with no recomputation of y.
+    g_o = gc if wo is None else torch.matmul(wo.t(), gc)  # (B, dv, N)
     acc = reference.accumulation_dtype(x.dtype)
-    dgamma = (g_o.to(acc) * o.to(acc)).sum().reshape(gamma.shape).to(gamma.dtype)
-    do = g_o * gamma.reshape(()).to(g.dtype)
-    dwo = x.new_empty(0) if wo is None else torch.einsum("bnc,bnd->cd", g, o) * gamma.reshape(()).to(g.dtype)
-    dq, dk, dv = kernels.attention_backward(do, q, k, v, o, lse)
-    if pool:
-        dk, dv = _unpool(dk, k_idx, h, w), _unpool(dv, v_idx, h, w)
-    dproj = torch.cat([dq, dk, dv], dim=-1)  # one GEMM each for dx and the three weights
-    dw_all = torch.einsum("bnp,bnc->pc", dproj, xt)
-    dwq, dwk, dwv = dw_all.split([wq.shape[0], wk.shape[0], wv.shape[0]])
-    dx = torch.empty_like(x)
-    reference.positions(dx).copy_(torch.addmm(g.flatten(0, 1), dproj.flatten(0, 1), torch.cat([wq, wk, wv])).view_as(g))
-    bias_grad = lambda b, d: x.new_empty(0) if b is None else d.sum((0, 1))  # noqa: E731
+    dgamma = (g_o.to(acc) * o.transpose(1, 2).to(acc)).sum().reshape(gamma.shape).to(gamma.dtype)
+    do = (g_o * gamma.reshape(()).to(g_o.dtype)).transpose(1, 2)  # (B, N, dv), channel-major
+    dwo = x.new_empty(0) if wo is None else torch.matmul(gc, o).sum(0) * gamma.reshape(()).to(x.dtype)
+    dq, dk, dv = kernels.attention_backward(do, q, k, v, o, lse)  # position-major
+    if pool:  # unpool dK and dV together through the forward's indices
+        dkv = torch.cat([dk, dv], dim=-1).transpose(1, 2).unflatten(2, indices.shape[-2:])
+        dkv = F.max_unpool2d(dkv, indices, kernel_size=2, output_size=(h, w)).flatten(2)
+        dproj = torch.cat([dq.transpose(1, 2), dkv], dim=1)  # (B, P, N)
+    else:
+        dproj = torch.cat([dq, dk, dv], dim=-1).transpose(1, 2)
+    # one GEMM each for the three weights together and for dx (plus the residual's g)
+    dwq, dwk, dwv = torch.matmul(dproj, xc.transpose(1, 2)).sum(0).split(sizes)
+    dx = torch.baddbmm(gc, weight.t().expand(b, -1, -1), dproj).view(b, c, h, w)
+    dbq, dbk, dbv = dproj.sum((0, 2)).split(sizes)
+    bias_grad = lambda bias, d: x.new_empty(0) if bias is None else d.clone()  # noqa: E731
     # split() gives views of one buffer; outputs of a custom op must not alias each other
-    return (dx, dwq.clone(), bias_grad(bq, dq), dwk.clone(), bias_grad(bk, dk),
-            dwv.clone(), bias_grad(bv, dv), dwo, dgamma)
+    return (dx, dwq.clone(), bias_grad(bq, dbq), dwk.clone(), bias_grad(bk, dbk),
+            dwv.clone(), bias_grad(bv, dbv), dwo, dgamma)
 
 
 @attention_backward.register_fake

@@ -429,7 +429,10 @@ class Outputs:
         real = to_float(t.data.images[:10000]).to(t.device)
         with torch.no_grad():
             self.real_stats = feature_statistics(torch.cat([self.classifier(real[i:i + 500])[0] for i in range(0, len(real), 500)]))
-        self.inception = InceptionFID(o["inception"], t.device) if o["inception"] else None
+        try:
+            self.inception = InceptionFID(o["inception"], t.device) if o["inception"] else None
+        except ValueError as e:
+            raise UsageError(str(e)) from e
         if self.inception:
             self.real_inception = feature_statistics(self.inception.features(real))
         self.setup_seconds = time.perf_counter() - started

@@ -329,16 +329,16 @@ def _prune(configs, named_args, **_):
 
 
 PINNED = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DV=16)  # interpreter: small tiles, ragged tails everywhere
-_KEY = ["N", "M", "DK_PAD", "DV", "PRECISION", "RESIDUAL"]
+_KEY = ["N", "M", "DK_PAD", "DV", "PRECISION"]
 
 
-def _tuned(kernel):
+def _tuned(kernel, key=_KEY):
     if interpreting():
         return kernel
-    return triton.autotune(_attention_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
+    return triton.autotune(_attention_configs(), key=key, prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
-_forward_kernel = _tuned(_attention_forward)
+_forward_kernel = _tuned(_attention_forward, _KEY + ["RESIDUAL"])
 _dv_kernel = _tuned(_attention_backward_dv)
 _dk_kernel = _tuned(_attention_backward_dk)
 _dq_kernel = _tuned(_attention_backward_dq)

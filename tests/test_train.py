@@ -271,3 +271,28 @@ def test_attention_overlays_put_the_heat_where_the_attention_is():
     heat = tiles[0, 1:t + 1, t + 3:2 * t + 3].float()  # red channel of the first overlay
     corner = t // 8
     assert heat[-corner:, -corner:].min() > 180 and heat[:t // 2, :t // 2].max() < 100
+
+
+class FakeInception(torch.nn.Module):
+    """Stands in for a TorchScript Inception-v3 feature extractor: same calling convention
+    (uint8 images, return_features=True -> (N, 2048)), a fixed random projection inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3 * 8 * 8, 2048)
+
+    def forward(self, images: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        assert images.dtype == torch.uint8 and images.shape[1] == 3
+        small = torch.nn.functional.adaptive_avg_pool2d(images.float() / 255, 8)
+        return self.proj(small.flatten(1))
+
+
+def test_inception_file_adds_fid(tmp_path, classifier_file, capsys):
+    inception = tmp_path / "inception.pt"
+    torch.jit.script(FakeInception()).save(str(inception))
+    assert run(tmp_path / "run", classifier_file, "--steps", "2", "--eval-every", "2", "--inception", str(inception)) == 0
+    fid = float(metrics(tmp_path / "run")[-1]["fid"])
+    assert np.isfinite(fid) and fid > 0
+    (tmp_path / "bad.pt").write_bytes(b"nope")
+    assert run(tmp_path / "bad", classifier_file, "--steps", "1", "--inception", str(tmp_path / "bad.pt")) == 2
+    assert "not a TorchScript archive" in capsys.readouterr().err

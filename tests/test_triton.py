@@ -126,3 +126,16 @@ def test_fused_residual_epilogue_writes_x_layout(layout):
     ref_out, ref_grads = reference_grads({k: v.detach().double().requires_grad_() for k, v in inputs.items()})
     _assert_relative(out, ref_out, 1e-4, "out")
     _assert_grads(grads, ref_grads, 1e-4)
+
+
+def test_kernels_load_for_gpus_too():
+    """Without the interpreter the kernels are wrapped in autotuners (what a GPU runs): building
+    those must work here too, so that a bad autotune key cannot reach a GPU first."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import sagan_ext.triton_kernels as t; print(type(t._forward_kernel).__name__, type(t._dq_kernel).__name__)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["Autotuner", "Autotuner"]

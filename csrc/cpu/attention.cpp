@@ -1,8 +1,10 @@
 // Flash-style SAGAN attention on the CPU: o = softmax(q k^T) v with unscaled scores.
 // Forward: each task owns a block of query rows and streams key blocks through an online softmax,
 // so memory is O(block_rows * block_cols) per thread, never N x N; it saves the per-row
-// log-sum-exp. Backward recomputes p from it. Inputs are position-major and contiguous:
-// q (B, N, dk), k (B, M, dk), v (B, M, dv), dO and o (B, N, dv), lse (B, N).
+// log-sum-exp. Backward recomputes p from it. Shapes q (B, N, dk), k (B, M, dk), v (B, M, dv),
+// dO and o (B, N, dv), lse (B, N); q, k, v, dO and o may be position-major (channels contiguous)
+// or channel-major (positions contiguous: views of NCHW projections), which BLAS reads through
+// its transpose flags, so the caller never copies x or the gradients into another layout.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -26,8 +28,34 @@ struct Sizes {
   int64_t batch, n, m, dk, dv;
 };
 
+// A (B, rows, channels) tensor: element (b, r, c) at p[b * bs + r * rs + c * cs], with rs == 1
+// or cs == 1 and a leading dimension BLAS accepts (checked by blas_ready).
 template <typename T>
-void attention_forward_kernel(const T* q, const T* k, const T* v, T* o, T* lse, Sizes s) {
+struct View {
+  const T* p;
+  int64_t bs, rs, cs;
+  bool channel_major;  // rs == 1 and cs >= rows; else cs == 1 and rs >= channels
+  T at(int64_t b, int64_t r, int64_t c) const { return p[b * bs + r * rs + c * cs]; }
+};
+
+// Rows r0.. of image b as a row-major BLAS operand (rows x channels): a pointer, its leading
+// dimension, and whether it is stored transposed (channel-major: a channels x rows block).
+template <typename T>
+struct Operand {
+  const T* p;
+  int ld;
+  bool transposed;
+};
+
+template <typename T>
+Operand<T> rows_of(const View<T>& v, int64_t b, int64_t r0) {
+  const T* p = v.p + b * v.bs + r0 * v.rs;
+  if (v.channel_major) return {p, static_cast<int>(v.cs), true};
+  return {p, static_cast<int>(v.rs), false};
+}
+
+template <typename T>
+void attention_forward_kernel(View<T> q, View<T> k, View<T> v, T* o, T* lse, Sizes s) {
   const int64_t row_blocks = (s.n + kBlockRows - 1) / kBlockRows;
   at::parallel_for(0, s.batch * row_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> scores(kBlockRows * kBlockCols), acc(kBlockRows * s.dv);
@@ -35,15 +63,14 @@ void attention_forward_kernel(const T* q, const T* k, const T* v, T* o, T* lse, 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / row_blocks, i0 = (task % row_blocks) * kBlockRows;
       const int rows = static_cast<int>(std::min(kBlockRows, s.n - i0));
-      const T* qb = q + (b * s.n + i0) * s.dk;
-      const T* kb = k + b * s.m * s.dk;
-      const T* vb = v + b * s.m * s.dv;
+      const Operand<T> qb = rows_of(q, b, i0);
       std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<T>::infinity());
       std::fill(row_sum.begin(), row_sum.end(), T(0));
       std::fill(acc.begin(), acc.end(), T(0));
       for (int64_t j0 = 0; j0 < s.m; j0 += kBlockCols) {
         const int cols = static_cast<int>(std::min(kBlockCols, s.m - j0));
-        gemm(false, true, rows, cols, s.dk, T(1), qb, s.dk, kb + j0 * s.dk, s.dk, T(0),
+        const Operand<T> kb = rows_of(k, b, j0), vb = rows_of(v, b, j0);
+        gemm(qb.transposed, !kb.transposed, rows, cols, s.dk, T(1), qb.p, qb.ld, kb.p, kb.ld, T(0),
              scores.data(), kBlockCols);
         for (int r = 0; r < rows; ++r) {
           T* sr = scores.data() + r * kBlockCols;
@@ -61,7 +88,7 @@ void attention_forward_kernel(const T* q, const T* k, const T* v, T* o, T* lse, 
             for (int64_t c = 0; c < s.dv; ++c) ar[c] *= rescale;
           }
         }
-        gemm(false, false, rows, s.dv, cols, T(1), scores.data(), kBlockCols, vb + j0 * s.dv, s.dv,
+        gemm(false, vb.transposed, rows, s.dv, cols, T(1), scores.data(), kBlockCols, vb.p, vb.ld,
              T(1), acc.data(), s.dv);
       }
       for (int r = 0; r < rows; ++r) {
@@ -78,29 +105,22 @@ void attention_forward_kernel(const T* q, const T* k, const T* v, T* o, T* lse, 
 // One block of query rows against every key: adds its share of dK and dV into dk_acc/dv_acc
 // (the caller decides whose buffers those are) and writes the block's dQ.
 template <typename T>
-void attention_backward_rows(const T* dout, const T* q, const T* k, const T* v, const T* o,
+void attention_backward_rows(View<T> dout, View<T> q, View<T> k, View<T> v, View<T> o,
                              const T* lse, T* dq, T* dk_acc, T* dv_acc, Sizes s, int64_t b,
                              int64_t i0, std::vector<T>& p, std::vector<T>& dp,
                              std::vector<T>& delta) {
   const int rows = static_cast<int>(std::min(kBlockRows, s.n - i0));
-  const T* qb = q + (b * s.n + i0) * s.dk;
-  const T* dob = dout + (b * s.n + i0) * s.dv;
-  const T* kb = k + b * s.m * s.dk;
-  const T* vb = v + b * s.m * s.dv;
+  const Operand<T> qb = rows_of(q, b, i0), dob = rows_of(dout, b, i0);
   const T* lseb = lse + b * s.n + i0;
   T* dqb = dq + (b * s.n + i0) * s.dk;
-  for (int r = 0; r < rows; ++r) {  // delta_i = rowsum(dO_i * O_i) = rowsum(P_i * dP_i)
-    const T* orow = o + (b * s.n + i0 + r) * s.dv;
-    const T* dorow = dob + r * s.dv;
-    T sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t c = 0; c < s.dv; ++c) sum += dorow[c] * orow[c];
-    delta[r] = sum;
-  }
+  std::fill(delta.begin(), delta.begin() + rows, T(0));
+  for (int64_t c = 0; c < s.dv; ++c)  // delta_i = rowsum(dO_i * O_i) = rowsum(P_i * dP_i)
+    for (int r = 0; r < rows; ++r) delta[r] += dout.at(b, i0 + r, c) * o.at(b, i0 + r, c);
   std::fill(dqb, dqb + rows * s.dk, T(0));
   for (int64_t j0 = 0; j0 < s.m; j0 += kBlockCols) {
     const int cols = static_cast<int>(std::min(kBlockCols, s.m - j0));
-    gemm(false, true, rows, cols, s.dk, T(1), qb, s.dk, kb + j0 * s.dk, s.dk, T(0), p.data(),
+    const Operand<T> kb = rows_of(k, b, j0), vb = rows_of(v, b, j0);
+    gemm(qb.transposed, !kb.transposed, rows, cols, s.dk, T(1), qb.p, qb.ld, kb.p, kb.ld, T(0), p.data(),
          kBlockCols);
     for (int r = 0; r < rows; ++r) {
       T* pr = p.data() + r * kBlockCols;
@@ -108,9 +128,9 @@ void attention_backward_rows(const T* dout, const T* q, const T* k, const T* v, 
       for (int c = 0; c < cols; ++c) pr[c] = exp_nonpositive(pr[c] - l);
     }
     // dV_j += P^T dO ; dP = dO V_j^T
-    gemm(true, false, cols, s.dv, rows, T(1), p.data(), kBlockCols, dob, s.dv, T(1),
+    gemm(true, dob.transposed, cols, s.dv, rows, T(1), p.data(), kBlockCols, dob.p, dob.ld, T(1),
          dv_acc + j0 * s.dv, s.dv);
-    gemm(false, true, rows, cols, s.dv, T(1), dob, s.dv, vb + j0 * s.dv, s.dv, T(0), dp.data(),
+    gemm(dob.transposed, !vb.transposed, rows, cols, s.dv, T(1), dob.p, dob.ld, vb.p, vb.ld, T(0), dp.data(),
          kBlockCols);
     for (int r = 0; r < rows; ++r) {  // dS = P * (dP - delta), in place in dp
       T* dpr = dp.data() + r * kBlockCols;
@@ -119,15 +139,15 @@ void attention_backward_rows(const T* dout, const T* q, const T* k, const T* v, 
       for (int c = 0; c < cols; ++c) dpr[c] = pr[c] * (dpr[c] - d);
     }
     // dQ += dS K_j ; dK_j += dS^T Q
-    gemm(false, false, rows, s.dk, cols, T(1), dp.data(), kBlockCols, kb + j0 * s.dk, s.dk, T(1),
+    gemm(false, kb.transposed, rows, s.dk, cols, T(1), dp.data(), kBlockCols, kb.p, kb.ld, T(1),
          dqb, s.dk);
-    gemm(true, false, cols, s.dk, rows, T(1), dp.data(), kBlockCols, qb, s.dk, T(1),
+    gemm(true, qb.transposed, cols, s.dk, rows, T(1), dp.data(), kBlockCols, qb.p, qb.ld, T(1),
          dk_acc + j0 * s.dk, s.dk);
   }
 }
 
 template <typename T>
-void attention_backward_kernel(const T* dout, const T* q, const T* k, const T* v, const T* o,
+void attention_backward_kernel(View<T> dout, View<T> q, View<T> k, View<T> v, View<T> o,
                                const T* lse, T* dq, T* dk, T* dv, Sizes s) {
   const int64_t row_blocks = (s.n + kBlockRows - 1) / kBlockRows;
   const int64_t threads = at::get_num_threads();
@@ -179,16 +199,28 @@ Sizes sizes_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   return {q.size(0), q.size(1), k.size(1), q.size(2), v.size(2)};
 }
 
+bool position_major(const at::Tensor& t) { return t.stride(2) == 1 && t.stride(1) >= std::max<int64_t>(t.size(2), 1); }
+bool channel_major(const at::Tensor& t) { return t.stride(1) == 1 && t.stride(2) >= std::max<int64_t>(t.size(1), 1); }
+
+// Position-major or channel-major with a leading dimension BLAS accepts; anything else is copied.
+at::Tensor blas_ready(const at::Tensor& t) {
+  return position_major(t) || channel_major(t) ? t : t.contiguous();
+}
+
+template <typename T>
+View<T> view_of(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), !position_major(t)};
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, const at::Tensor& k_in,
                                                      const at::Tensor& v_in) {
   const Sizes s = sizes_of(q_in, k_in, v_in);
-  auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  auto q = blas_ready(q_in), k = blas_ready(k_in), v = blas_ready(v_in);
   auto o = at::empty({s.batch, s.n, s.dv}, q.options());
   auto lse = at::empty({s.batch, s.n}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sagan_ext_cpu::attention_forward", [&] {
-    attention_forward_kernel<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                                       v.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(),
-                                       lse.data_ptr<scalar_t>(), s);
+    attention_forward_kernel<scalar_t>(view_of<scalar_t>(q), view_of<scalar_t>(k), view_of<scalar_t>(v),
+                                       o.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), s);
   });
   return {o, lse};
 }
@@ -197,14 +229,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& o_in, const at::Tensor& lse_in) {
   const Sizes s = sizes_of(q_in, k_in, v_in);
-  auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  auto dout = dout_in.contiguous().to(q.scalar_type()), o = o_in.contiguous().to(q.scalar_type());
+  auto q = blas_ready(q_in), k = blas_ready(k_in), v = blas_ready(v_in);
+  auto dout = blas_ready(dout_in.to(q.scalar_type())), o = blas_ready(o_in.to(q.scalar_type()));
   auto lse = lse_in.contiguous().to(q.scalar_type());
-  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  auto dq = at::empty({s.batch, s.n, s.dk}, q.options()), dk = at::empty({s.batch, s.m, s.dk}, q.options());
+  auto dv = at::empty({s.batch, s.m, s.dv}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sagan_ext_cpu::attention_backward", [&] {
-    attention_backward_kernel<scalar_t>(dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
-                                        k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                                        o.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
+    attention_backward_kernel<scalar_t>(view_of<scalar_t>(dout), view_of<scalar_t>(q), view_of<scalar_t>(k),
+                                        view_of<scalar_t>(v), view_of<scalar_t>(o), lse.data_ptr<scalar_t>(),
                                         dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
                                         dv.data_ptr<scalar_t>(), s);
   });
