@@ -22,6 +22,6 @@ def test_train_step(benchmark, ops, tmp_path):
 
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
-    benchmark.pedantic(step, rounds=5 if CUDA else 3, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=10, warmup_rounds=2)
     benchmark.extra_info.update(ops=ops, **CONFIG, images_per_s=CONFIG["batch_size"] / benchmark.stats.stats.median,
                                 peak_memory_mib=torch.cuda.max_memory_allocated() / 2**20 if CUDA else None)
