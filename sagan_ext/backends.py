@@ -162,29 +162,26 @@ class TritonBackend(Backend):
 
     @staticmethod
     def _kernels():
-        from . import triton_kernels  # imported on first use: importing triton is slow
+        # imported on first use (importing triton is slow); select() asks unavailable() before
+        # any kernel runs, so the torch.ops.sagan_ext_triton operators exist by then
+        from . import triton_kernels
         return triton_kernels
 
     def attention_forward(self, q, k, v):
-        self._kernels()
         return torch.ops.sagan_ext_triton.attention_forward(q, k, v)
 
     def attention_forward_residual(self, q, k, v, x, gamma):
-        self._kernels()
         return torch.ops.sagan_ext_triton.attention_forward_residual(q, k, v, x, gamma)
 
     def attention_backward(self, do, q, k, v, o, lse):
-        self._kernels()
         return torch.ops.sagan_ext_triton.attention_backward(do, q, k, v, o, lse)
 
     def spectral_norm_forward(self, w, u, v, iterations, eps):
-        self._kernels()
         w_sn, sigma, u_new, v_new = torch.ops.sagan_ext_triton.spectral_norm_forward(w, u, v, iterations, eps)
         u.copy_(u_new), v.copy_(v_new)
         return w_sn, sigma.to(w.dtype)
 
     def spectral_norm_backward(self, g, grad_sigma, w_sn, u, v, sigma):
-        self._kernels()
         return torch.ops.sagan_ext_triton.spectral_norm_backward(g, grad_sigma, w_sn, u, v, sigma)
 
 

@@ -32,6 +32,23 @@ def interpreting() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# tiles: rows x channels blocks of a (rows, channels) matrix with unit channel stride
+
+
+@triton.jit
+def _load_tile(base, rows, cols, row_stride, n_rows, n_cols):
+    """base[rows, cols], zero outside the (n_rows, n_cols) matrix."""
+    return tl.load(base + rows[:, None] * row_stride + cols[None, :],
+                   mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _store_tile(base, rows, cols, row_stride, n_rows, n_cols, value):
+    tl.store(base + rows[:, None] * row_stride + cols[None, :], value.to(base.dtype.element_ty),
+             mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+
+
+# ---------------------------------------------------------------------------------------------
 # attention forward
 
 
@@ -47,29 +64,26 @@ def _attention_forward(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dks = tl.arange(0, DK_PAD)
     dvs = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * stride_qb + rows[:, None] * stride_qn + dks[None, :],
-                mask=(rows[:, None] < N) & (dks[None, :] < DK), other=0.0)
+    q = _load_tile(Q + b * stride_qb, rows, dks, stride_qn, N, DK)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for start in range(0, M, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k = tl.load(K + b * stride_kb + cols[:, None] * stride_kn + dks[None, :],
-                    mask=(cols[:, None] < M) & (dks[None, :] < DK), other=0.0)
+        k = _load_tile(K + b * stride_kb, cols, dks, stride_kn, M, DK)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * LOG2E
         s = tl.where(cols[None, :] < M, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * stride_vb + cols[:, None] * stride_vn + dvs[None, :],
-                    mask=(cols[:, None] < M) & (dvs[None, :] < DV), other=0.0)
+        v = _load_tile(V + b * stride_vb, cols, dvs, stride_vn, M, DV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
-    mask = (rows[:, None] < N) & (dvs[None, :] < DV)
-    tl.store(O + b * stride_ob + rows[:, None] * stride_on + dvs[None, :], acc.to(O.dtype.element_ty), mask=mask)
+    _store_tile(O + b * stride_ob, rows, dvs, stride_on, N, DV, acc)
     if RESIDUAL:  # written straight into x's (B, C, H, W) layout: channels dvs, positions rows
+        mask = (rows[:, None] < N) & (dvs[None, :] < DV)
         x = tl.load(X + b * stride_xb + dvs[None, :] * stride_xc + rows[:, None] * stride_xn, mask=mask, other=0.0)
         gamma = tl.load(GAMMA).to(tl.float32)
         out = x.to(tl.float32) + gamma * acc.to(O.dtype.element_ty).to(tl.float32)
@@ -118,20 +132,16 @@ def _attention_backward_dv(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dks = tl.arange(0, DK_PAD)
     dvs = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    k = tl.load(K + b * stride_kb + cols[:, None] * stride_kn + dks[None, :],
-                mask=(cols[:, None] < M) & (dks[None, :] < DK), other=0.0)
+    k = _load_tile(K + b * stride_kb, cols, dks, stride_kn, M, DK)
     acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for start in range(0, N, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        q = tl.load(Q + b * stride_qb + rows[:, None] * stride_qn + dks[None, :],
-                    mask=(rows[:, None] < N) & (dks[None, :] < DK), other=0.0)
+        q = _load_tile(Q + b * stride_qb, rows, dks, stride_qn, N, DK)
         lse = tl.load(LSE + b * N + rows, mask=rows < N, other=0.0)
         p = _probabilities(q, k, lse, rows, cols, N, M, PRECISION)
-        do = tl.load(DO + b * stride_ob + rows[:, None] * stride_on + dvs[None, :],
-                     mask=(rows[:, None] < N) & (dvs[None, :] < DV), other=0.0)
+        do = _load_tile(DO + b * stride_ob, rows, dvs, stride_on, N, DV)
         acc += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-    tl.store(DV_OUT + b * stride_vb + cols[:, None] * stride_vn + dvs[None, :], acc.to(DV_OUT.dtype.element_ty),
-             mask=(cols[:, None] < M) & (dvs[None, :] < DV))
+    _store_tile(DV_OUT + b * stride_vb, cols, dvs, stride_vn, M, DV, acc)
 
 
 @triton.jit
@@ -142,10 +152,8 @@ def _score_gradient(q, k, do_ptrs_base, v_ptrs_base, lse, delta, rows, cols, str
     dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for c in range(0, DV, BLOCK_DV):
         dvs = c + tl.arange(0, BLOCK_DV)
-        do = tl.load(do_ptrs_base + rows[:, None] * stride_on + dvs[None, :],
-                     mask=(rows[:, None] < N) & (dvs[None, :] < DV), other=0.0)
-        v = tl.load(v_ptrs_base + cols[:, None] * stride_vn + dvs[None, :],
-                    mask=(cols[:, None] < M) & (dvs[None, :] < DV), other=0.0)
+        do = _load_tile(do_ptrs_base, rows, dvs, stride_on, N, DV)
+        v = _load_tile(v_ptrs_base, cols, dvs, stride_vn, M, DV)
         dp += tl.dot(do, tl.trans(v), input_precision=PRECISION)
     return p * (dp - delta[:, None])
 
@@ -160,20 +168,17 @@ def _attention_backward_dk(
     pid_n, b = tl.program_id(0), tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dks = tl.arange(0, DK_PAD)
-    k = tl.load(K + b * stride_kb + cols[:, None] * stride_kn + dks[None, :],
-                mask=(cols[:, None] < M) & (dks[None, :] < DK), other=0.0)
+    k = _load_tile(K + b * stride_kb, cols, dks, stride_kn, M, DK)
     acc = tl.zeros([BLOCK_N, DK_PAD], tl.float32)
     for start in range(0, N, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        q = tl.load(Q + b * stride_qb + rows[:, None] * stride_qn + dks[None, :],
-                    mask=(rows[:, None] < N) & (dks[None, :] < DK), other=0.0)
+        q = _load_tile(Q + b * stride_qb, rows, dks, stride_qn, N, DK)
         lse = tl.load(LSE + b * N + rows, mask=rows < N, other=0.0)
         delta = tl.load(DELTA + b * N + rows, mask=rows < N, other=0.0)
         ds = _score_gradient(q, k, DO + b * stride_ob, V + b * stride_vb, lse, delta, rows, cols, stride_on, stride_vn,
                              N, M, DV, BLOCK_M, BLOCK_N, BLOCK_DV, PRECISION)
         acc += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    tl.store(DK_OUT + b * stride_kb + cols[:, None] * stride_kn + dks[None, :], acc.to(DK_OUT.dtype.element_ty),
-             mask=(cols[:, None] < M) & (dks[None, :] < DK))
+    _store_tile(DK_OUT + b * stride_kb, cols, dks, stride_kn, M, DK, acc)
 
 
 @triton.jit
@@ -186,20 +191,17 @@ def _attention_backward_dq(
     pid_m, b = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dks = tl.arange(0, DK_PAD)
-    q = tl.load(Q + b * stride_qb + rows[:, None] * stride_qn + dks[None, :],
-                mask=(rows[:, None] < N) & (dks[None, :] < DK), other=0.0)
+    q = _load_tile(Q + b * stride_qb, rows, dks, stride_qn, N, DK)
     lse = tl.load(LSE + b * N + rows, mask=rows < N, other=0.0)
     delta = tl.load(DELTA + b * N + rows, mask=rows < N, other=0.0)
     acc = tl.zeros([BLOCK_M, DK_PAD], tl.float32)
     for start in range(0, M, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k = tl.load(K + b * stride_kb + cols[:, None] * stride_kn + dks[None, :],
-                    mask=(cols[:, None] < M) & (dks[None, :] < DK), other=0.0)
+        k = _load_tile(K + b * stride_kb, cols, dks, stride_kn, M, DK)
         ds = _score_gradient(q, k, DO + b * stride_ob, V + b * stride_vb, lse, delta, rows, cols, stride_on, stride_vn,
                              N, M, DV, BLOCK_M, BLOCK_N, BLOCK_DV, PRECISION)
         acc += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(DQ_OUT + b * stride_qb + rows[:, None] * stride_qn + dks[None, :], acc.to(DQ_OUT.dtype.element_ty),
-             mask=(rows[:, None] < N) & (dks[None, :] < DK))
+    _store_tile(DQ_OUT + b * stride_qb, rows, dks, stride_qn, N, DK, acc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,8 +218,7 @@ def _transposed_matvec_pass(W, X, Y, H, WD, stride_h, BLOCK_H: tl.constexpr, BLO
         acc = tl.zeros([BLOCK_W], tl.float32)
         for r0 in range(0, H, BLOCK_H):
             rows = r0 + tl.arange(0, BLOCK_H)
-            w = tl.load(W + rows[:, None] * stride_h + cols[None, :],
-                        mask=(rows[:, None] < H) & (cols[None, :] < WD), other=0.0).to(tl.float32)
+            w = _load_tile(W, rows, cols, stride_h, H, WD).to(tl.float32)
             acc += tl.sum(w * tl.load(X + rows, mask=rows < H, other=0.0)[:, None], 0)
         tl.store(Y + cols, acc, mask=cols < WD)
         sq += tl.sum(acc * acc, 0)
@@ -234,8 +235,7 @@ def _matvec_pass(W, X, Y, H, WD, stride_h, BLOCK_H: tl.constexpr, BLOCK_W: tl.co
         acc = tl.zeros([BLOCK_H], tl.float32)
         for c0 in range(0, WD, BLOCK_W):
             cols = c0 + tl.arange(0, BLOCK_W)
-            w = tl.load(W + rows[:, None] * stride_h + cols[None, :],
-                        mask=(rows[:, None] < H) & (cols[None, :] < WD), other=0.0).to(tl.float32)
+            w = _load_tile(W, rows, cols, stride_h, H, WD).to(tl.float32)
             acc += tl.sum(w * tl.load(X + cols, mask=cols < WD, other=0.0)[None, :], 1)
         tl.store(Y + rows, acc, mask=rows < H)
         sq += tl.sum(acc * acc, 0)
@@ -271,8 +271,7 @@ def _spectral_norm_forward(W, U, V, WSN, SIGMA, H, WD, stride_h, iterations, eps
             acc = tl.zeros([BLOCK_H], tl.float32)
             for c0 in range(0, WD, BLOCK_W):
                 cols = c0 + tl.arange(0, BLOCK_W)
-                w = tl.load(W + rows[:, None] * stride_h + cols[None, :],
-                            mask=(rows[:, None] < H) & (cols[None, :] < WD), other=0.0).to(tl.float32)
+                w = _load_tile(W, rows, cols, stride_h, H, WD).to(tl.float32)
                 acc += tl.sum(w * tl.load(V + cols, mask=cols < WD, other=0.0)[None, :], 1)
             sigma += tl.sum(acc * tl.load(U + rows, mask=rows < H, other=0.0), 0)
     tl.store(SIGMA + tl.arange(0, 1), sigma)
