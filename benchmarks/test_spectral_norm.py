@@ -2,7 +2,6 @@
 sagan_ext.spectral_norm vs torch.nn.utils.spectral_norm."""
 import pytest
 import torch
-from torch import nn
 
 import sagan_ext
 from sagan_ext import models
