@@ -38,6 +38,7 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kBlockM = 16 * kWarps;  // query rows per CTA
 constexpr int kBlockN = 64;           // keys per block
 constexpr int kDvTile = 64;           // value channels per CTA
+constexpr int kMinBlocks = 2;         // CTAs per SM: lets ptxas use up to 255 registers (its own choice spilled)
 constexpr float kLog2e = 1.4426950408889634f;
 
 // ---------------------------------------------------------------------------------------------
@@ -260,7 +261,7 @@ __device__ void dp_tile(float (&dp)[kBlockN / 8][4], T* do_s, T* v_s, const Atte
     ptx::cp_async_commit();
     ptx::cp_async_wait<0>();
     __syncthreads();
-#pragma unroll
+#pragma unroll 1  // ks only addresses shared memory: a rolled loop saves registers
     for (int ks = 0; ks < kDvTile / Mma<T>::kK; ++ks) {
       uint32_t a[4];
       load_a(a, do_tile, 16 * warp, ks * Mma<T>::kK);
@@ -301,7 +302,7 @@ constexpr int forward_smem() {
 }
 
 template <typename T, int DK>
-__global__ void __launch_bounds__(kThreads) attention_forward_mma_kernel(AttentionParams p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) attention_forward_mma_kernel(AttentionParams p) {
   constexpr int kK = Mma<T>::kK;
   extern __shared__ __align__(16) unsigned char smem[];
   T* const q_s = reinterpret_cast<T*>(smem);
@@ -414,7 +415,7 @@ constexpr int dq_smem() {
 }
 
 template <typename T, int DK>
-__global__ void __launch_bounds__(kThreads) attention_dq_mma_kernel(AttentionParams p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) attention_dq_mma_kernel(AttentionParams p) {
   constexpr int kK = Mma<T>::kK;
   extern __shared__ __align__(16) unsigned char smem[];
   T* const q_s = reinterpret_cast<T*>(smem);
@@ -485,7 +486,7 @@ constexpr int dk_smem() {
 }
 
 template <typename T, int DK>
-__global__ void __launch_bounds__(kThreads) attention_dk_mma_kernel(AttentionParams p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) attention_dk_mma_kernel(AttentionParams p) {
   constexpr int kK = Mma<T>::kK;
   extern __shared__ __align__(16) unsigned char smem[];
   T* const k_s = reinterpret_cast<T*>(smem);
@@ -519,7 +520,7 @@ __global__ void __launch_bounds__(kThreads) attention_dk_mma_kernel(AttentionPar
     const Tile<T> ds_by_key = share_accumulator<T>(ds_s, dp).transpose();
     __syncthreads();
     const Tile<T> q_by_channel = q_tile.transpose();
-#pragma unroll
+#pragma unroll 1
     for (int ks = 0; ks < kBlockM / kK; ++ks) {
       uint32_t a[4];
       load_a(a, ds_by_key, 16 * warp, ks * kK);
@@ -542,7 +543,7 @@ constexpr int dv_smem() {
 }
 
 template <typename T, int DK>
-__global__ void __launch_bounds__(kThreads) attention_dv_mma_kernel(AttentionParams p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) attention_dv_mma_kernel(AttentionParams p) {
   constexpr int kK = Mma<T>::kK;
   extern __shared__ __align__(16) unsigned char smem[];
   T* const k_s = reinterpret_cast<T*>(smem);
@@ -570,7 +571,7 @@ __global__ void __launch_bounds__(kThreads) attention_dv_mma_kernel(AttentionPar
     const Tile<T> p_by_key = share_accumulator<T>(p_s, s).transpose();
     __syncthreads();
     const Tile<T> do_by_channel = do_tile.transpose();
-#pragma unroll
+#pragma unroll 1
     for (int ks = 0; ks < kBlockM / kK; ++ks) {
       uint32_t a[4];
       load_a(a, p_by_key, 16 * warp, ks * kK);
