@@ -46,12 +46,15 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 // A view of a shared tile: element (r, c) at p[r * ld + c], or at p[c * ld + r] when `t` (the
 // tile holds the transpose). transpose() views the same memory as the transposed matrix.
+// Element access goes through two strides, so that the orientation costs no select per access.
 template <typename T>
 struct Tile {
   T* p;
   int ld;
   bool t;
-  __device__ T& at(int r, int c) const { return t ? p[c * ld + r] : p[r * ld + c]; }
+  __device__ int row_stride() const { return t ? 1 : ld; }
+  __device__ int col_stride() const { return t ? ld : 1; }
+  __device__ T& at(int r, int c) const { return p[r * row_stride() + c * col_stride()]; }
   __device__ Tile transpose() const { return {p, ld, !t}; }
 };
 
@@ -134,9 +137,9 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[4], const Tile<T>& v, int r
     if (!v.t) ptx::ldmatrix_x4(a, ptx::smem_u32(&v.p[(r + i) * v.ld + c]));
     else ptx::ldmatrix_x4_trans(a, ptx::smem_u32(&v.p[(c + i) * v.ld + r]));
   } else {
-    const int g = lane / 4, t = lane % 4;
-    a[0] = ptx::cvt_tf32(v.at(r0 + g, k0 + t)), a[1] = ptx::cvt_tf32(v.at(r0 + g + 8, k0 + t));
-    a[2] = ptx::cvt_tf32(v.at(r0 + g, k0 + t + 4)), a[3] = ptx::cvt_tf32(v.at(r0 + g + 8, k0 + t + 4));
+    const int rs = v.row_stride(), cs = v.col_stride();
+    const T* x = &v.at(r0 + lane / 4, k0 + lane % 4);
+    a[0] = ptx::cvt_tf32(x[0]), a[1] = ptx::cvt_tf32(x[8 * rs]), a[2] = ptx::cvt_tf32(x[4 * cs]), a[3] = ptx::cvt_tf32(x[8 * rs + 4 * cs]);
   }
 }
 
@@ -150,8 +153,8 @@ __device__ __forceinline__ void load_b(uint32_t (&b)[2], const Tile<T>& v, int n
     if (!v.t) ptx::ldmatrix_x2(b, ptx::smem_u32(&v.p[(n0 + i) * v.ld + k0 + 8 * mat]));
     else ptx::ldmatrix_x2_trans(b, ptx::smem_u32(&v.p[(k0 + 8 * mat + i) * v.ld + n0]));
   } else {
-    const int g = lane / 4, t = lane % 4;
-    b[0] = ptx::cvt_tf32(v.at(n0 + g, k0 + t)), b[1] = ptx::cvt_tf32(v.at(n0 + g, k0 + t + 4));
+    const T* x = &v.at(n0 + lane / 4, k0 + lane % 4);
+    b[0] = ptx::cvt_tf32(x[0]), b[1] = ptx::cvt_tf32(x[4 * v.col_stride()]);
   }
 }
 
@@ -176,8 +179,8 @@ __device__ __forceinline__ void load_b_pairs(uint32_t (&b)[2], const Tile<T>& v,
   if constexpr (sizeof(T) == 2) {
     load_b(b, v, n0, k0);
   } else {
-    const int g = lane_id() / 4, t = lane_id() % 4;
-    b[0] = ptx::cvt_tf32(v.at(n0 + g, k0 + 2 * t)), b[1] = ptx::cvt_tf32(v.at(n0 + g, k0 + 2 * t + 1));
+    const T* x = &v.at(n0 + lane_id() / 4, k0 + 2 * (lane_id() % 4));
+    b[0] = ptx::cvt_tf32(x[0]), b[1] = ptx::cvt_tf32(x[v.col_stride()]);
   }
 }
 
@@ -190,29 +193,23 @@ __device__ __forceinline__ void zero(float (&c)[NT][4]) {
 // ---------------------------------------------------------------------------------------------
 // the pieces the forward and backward share
 
+// s = q k^T for a warp's 16 query rows (from `row` of q_tile) and a 64-key block (k_tile oriented
+// (key, channel)). The one definition of the score arithmetic: the forward and all three backward
+// kernels call it, so the backward recomputes exactly the forward's s (same tiles, same k-step
+// order). Q's fragments are reloaded from shared memory per block rather than held in registers
+// (up to 32 of them for TF32 at dk 64), which kept the TF32 forward from spilling.
 template <typename T, int DK>
-using QFragments = uint32_t[DK / Mma<T>::kK][4];
-
-// A warp's 16 query rows (from `row`) of a staged Q tile as mma A operands, kept in registers.
-template <typename T, int DK>
-__device__ __forceinline__ void load_q(QFragments<T, DK>& qa, const Tile<T>& q_tile, int row) {
-#pragma unroll
-  for (int ks = 0; ks < DK / Mma<T>::kK; ++ks) load_a(qa[ks], q_tile, row, ks * Mma<T>::kK);
-}
-
-// s = q k^T for a warp's 16 query rows and a 64-key block (k_tile oriented (key, channel)). The one
-// definition of the score arithmetic: the forward and all three backward kernels call it, so the
-// backward recomputes exactly the forward's s (same tiles, same k-step order).
-template <typename T, int DK>
-__device__ __forceinline__ void score_tile(float (&s)[kBlockN / 8][4], const QFragments<T, DK>& qa, const Tile<T>& k_tile) {
+__device__ __forceinline__ void score_tile(float (&s)[kBlockN / 8][4], const Tile<T>& q_tile, int row, const Tile<T>& k_tile) {
   zero<T>(s);
 #pragma unroll
   for (int ks = 0; ks < DK / Mma<T>::kK; ++ks) {
+    uint32_t a[4];
+    load_a(a, q_tile, row, ks * Mma<T>::kK);
 #pragma unroll
     for (int nt = 0; nt < kBlockN / 8; ++nt) {
       uint32_t b[2];
       load_b(b, k_tile, nt * 8, ks * Mma<T>::kK);
-      Mma<T>::run(s[nt], qa[ks], b);
+      Mma<T>::run(s[nt], a, b);
     }
   }
 }
@@ -318,7 +315,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) attention_forward_mma_ke
   Tile<T> v_tile = stage_tile<T, kBlockN, kDvTile>(v_buffer(0), v, 0, p.m, c0, p.dv);
   ptx::cp_async_commit();
 
-  QFragments<T, DK> qa;
   float acc[kDvTile / 8][4], m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};  // l: this thread's columns
   zero<T>(acc);
   const int key_blocks = (p.m + kBlockN - 1) / kBlockN;
@@ -334,10 +330,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) attention_forward_mma_ke
       ptx::cp_async_wait<0>();
     }
     __syncthreads();
-    if (jb == 0) load_q<T, DK>(qa, q_tile, 16 * warp);
 
     float s[kBlockN / 8][4];
-    score_tile<T, DK>(s, qa, k_tile);
+    score_tile<T, DK>(s, q_tile, 16 * warp, k_tile);
     float m_new[2] = {m_run[0], m_run[1]};
 #pragma unroll
     for (int nt = 0; nt < kBlockN / 8; ++nt)
@@ -428,8 +423,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) attention_dq_mma_kernel(
   ptx::cp_async_commit();
   ptx::cp_async_wait<0>();
   __syncthreads();
-  QFragments<T, DK> qa;
-  load_q<T, DK>(qa, q_tile, 16 * warp);
   const RowStats stats(p, b, row0 + 16 * warp);
   float dq[DK / 8][4];
   zero<T>(dq);
@@ -440,7 +433,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) attention_dq_mma_kernel(
     ptx::cp_async_wait<0>();
     __syncthreads();
     float s[kBlockN / 8][4], dp[kBlockN / 8][4];
-    score_tile<T, DK>(s, qa, k_tile);
+    score_tile<T, DK>(s, q_tile, 16 * warp, k_tile);
     probabilities(s, j0, p.m, stats);
     dp_tile<T>(dp, do_s, v_s, p, b, row0, j0);
 #pragma unroll
@@ -506,11 +499,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) attention_dk_mma_kernel(
     ptx::cp_async_commit();
     ptx::cp_async_wait<0>();
     __syncthreads();
-    QFragments<T, DK> qa;
-    load_q<T, DK>(qa, q_tile, 16 * warp);
     const RowStats stats(p, b, i0 + 16 * warp);
     float s[kBlockN / 8][4], dp[kBlockN / 8][4];
-    score_tile<T, DK>(s, qa, k_tile);
+    score_tile<T, DK>(s, q_tile, 16 * warp, k_tile);
     probabilities(s, j0, p.m, stats);
     dp_tile<T>(dp, do_s, v_s, p, b, i0, j0);
 #pragma unroll
@@ -563,10 +554,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) attention_dv_mma_kernel(
     ptx::cp_async_commit();
     ptx::cp_async_wait<0>();
     __syncthreads();
-    QFragments<T, DK> qa;
-    load_q<T, DK>(qa, q_tile, 16 * warp);
     float s[kBlockN / 8][4];
-    score_tile<T, DK>(s, qa, k_tile);
+    score_tile<T, DK>(s, q_tile, 16 * warp, k_tile);
     probabilities(s, j0, p.m, RowStats(p, b, i0 + 16 * warp));
     const Tile<T> p_by_key = share_accumulator<T>(p_s, s).transpose();
     __syncthreads();
