@@ -58,9 +58,10 @@ cudaError_t attention_delta(const AttentionParams& p, cudaStream_t stream);
 
 // Test-only (tests/test_gpu.py): d = a b through one PTX wrapper, so that a GPU run checks each
 // wrapper's fragment layout directly. a (16, K) and b (K, 8) row-major in the dtype the wrapper
-// takes (K = 16 for f16/bf16, 8 for tf32), d (16, 8) float32. `variant` picks the wrapper path:
-// 0 ldmatrix x4 / x2, 1 ldmatrix .trans (operands staged transposed), 2 ldmatrix x1 (one 8x8
-// block per call), each with cp.async staging.
+// takes (K = 16 for f16/bf16, 8 for tf32), d (16, 8) float32. `variant` picks the wrapper path,
+// through the kernels' own fragment loaders: 0 A by ldmatrix x4, B by x2.trans (both staged by
+// cp.async); 1 A by x4.trans, B by x2 (staged transposed); 2 A packed from registers (cvt f16x2 /
+// bf16x2), B by x1.trans; 3 as 2 with B by x1. tf32 (scalar fragments, cvt.rna) takes 0 and 1.
 cudaError_t ptx_mma_selftest(const void* a, const void* b, float* d, DType dtype, bool tf32, int variant,
                              cudaStream_t stream);
 
