@@ -85,8 +85,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help=f"per process (default {d['batch_size']})")
     p.add_argument("--out", help=f"run folder (default {d['out']})")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its latest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="start a fresh run in an --out folder that holds one, "
-                                                            "deleting that run's files (without it, sagan-train refuses)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run in an --out folder that holds one, deleting that run's files (without it, "
+                        "sagan-train refuses)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--ops", choices=["fused", "eager"], help="fused: sagan_ext's operators (default); eager: the same "
                                                              "models on bmm/softmax attention and torch's spectral_norm")
@@ -112,7 +113,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile G and D")
     p.add_argument("--seed", type=int, help=f"seed of the weights, the noise, the batch order and the fixed sample "
-                                             f"noise: the same seed and options give the same run (default {d['seed']})")
+                                             f"noise: the same seed and options give the same run "
+                                             f"(default {d['seed']})")
     p.add_argument("--threads", type=int, help="CPU threads for torch's operators (default: torch's, usually one per "
                                                "core); fewer helps on a shared machine")
     p.add_argument("--log-every", type=int, help=f"steps between metrics rows (default {d['log_every']})")
@@ -123,9 +125,9 @@ def parser() -> argparse.ArgumentParser:
                                                         f"(default {d['checkpoint_every']})")
     p.add_argument("--keep-checkpoints", type=int, help=f"how many of the latest checkpoints to keep; older ones are "
                                                         f"deleted (default {d['keep_checkpoints']})")
-    p.add_argument("--max-loss", type=float, help=f"stop (exit status 3) when |loss D| or |loss G| stays above this for "
-                                                  f"{DIVERGENCE_STEPS} steps in a row: the run has diverged "
-                                                  f"(default {d['max_loss']:g}; 0 turns this off)")
+    p.add_argument("--max-loss", type=float, help=f"stop (exit status 3) when |loss D| or |loss G| (WGAN-GP: |loss D|) "
+                                                  f"stays above this for {DIVERGENCE_STEPS} steps in a row: the run "
+                                                  f"has diverged (default {d['max_loss']:g}; 0 turns this off)")
     p.add_argument("--inception", metavar="FILE", help="TorchScript Inception-v3 (StyleGAN's inception-2015-12-05.pt) "
                                                        "to report FID besides the built-in proxy")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -415,8 +417,8 @@ class Trainer:
     def first_nonfinite(self) -> str | None:
         """The name of the first parameter, buffer or optimizer state of G, D or G's EMA that holds
         a NaN or inf (this rank's: BN statistics are per rank), or None."""
-        named = [(f"{net}.{k}", v) for net, model in (("G", self.G), ("D", self.D), ("G_ema", self.ema and self.ema.model))
-                 if model is not None for k, v in model.state_dict().items()]
+        nets = [("G", self.G), ("D", self.D)] + ([("G_ema", self.ema.model)] if self.ema else [])
+        named = [(f"{net}.{k}", v) for net, model in nets for k, v in model.state_dict().items()]
         for net, model, opt in (("G", self.G, self.opt_g), ("D", self.D, self.opt_d)):
             names = {p: n for n, p in model.named_parameters()}
             named += [(f"{net}'s Adam {k} of {names.get(p, '?')}", v) for p, state in opt.state.items()
@@ -655,11 +657,15 @@ class Outputs:
 class Guard:
     """Stops a run that went bad (TrainingDiverged, exit status 3): a NaN/inf loss; a NaN/inf
     parameter, buffer or optimizer state of G, D or G's EMA (so no checkpoint ever holds one); or
-    |loss D| or |loss G| above --max-loss for DIVERGENCE_STEPS steps in a row. record() runs every
-    step without a device sync; check() syncs once, at every log, evaluation and checkpoint step."""
+    |loss D| or |loss G| above --max-loss for DIVERGENCE_STEPS steps in a row (WGAN-GP: |loss D|
+    only, as its G loss has no fixed offset). record() runs every step without a device sync;
+    check() syncs once, at every log, evaluation and checkpoint step."""
 
     def __init__(self, t: Trainer):
         self.t, self.max_loss = t, t.o["max_loss"]
+        self.bounded = {"loss_d": "|loss D|", "loss_g": "|loss G|"}
+        if t.o["loss"] == "wgan-gp":
+            del self.bounded["loss_g"]
         self.first_nonfinite_loss = torch.full((), -1, dtype=torch.long, device=t.device)  # first such step
         self.first_diverged = torch.full((), -1, dtype=torch.long, device=t.device)  # first step of such a run
         self.steps_above = torch.zeros((), dtype=torch.long, device=t.device)
@@ -667,9 +673,10 @@ class Guard:
     def record(self, losses: dict[str, Tensor]) -> None:
         loss_d, loss_g, step = losses["loss_d"], losses["loss_g"], self.t.step
         finite = torch.isfinite(loss_d) & torch.isfinite(loss_g)
-        self.first_nonfinite_loss = torch.where(finite | (self.first_nonfinite_loss >= 0), self.first_nonfinite_loss, step)
+        seen = self.first_nonfinite_loss
+        self.first_nonfinite_loss = torch.where(finite | (seen >= 0), seen, step)
         if self.max_loss:
-            above = (loss_d.abs() > self.max_loss) | (loss_g.abs() > self.max_loss)
+            above = torch.stack([losses[k].abs() > self.max_loss for k in self.bounded]).any()
             self.steps_above = torch.where(above, self.steps_above + 1, 0)
             started = (self.steps_above >= DIVERGENCE_STEPS) & (self.first_diverged < 0)
             self.first_diverged = torch.where(started, step - DIVERGENCE_STEPS + 1, self.first_diverged)
@@ -688,8 +695,8 @@ class Guard:
             problem = (f"{bad_tensor or 'a parameter, buffer or optimizer state (on another rank)'} became NaN or inf "
                        f"by step {t.step}")
         elif diverged >= 0:
-            problem = (f"the run diverged: |loss D| or |loss G| stayed above --max-loss {self.max_loss:g} for "
-                       f"{DIVERGENCE_STEPS} steps from step {diverged}")
+            problem = (f"the run diverged: {' or '.join(self.bounded.values())} stayed above --max-loss "
+                       f"{self.max_loss:g} for {DIVERGENCE_STEPS} steps from step {diverged}")
         else:
             return
         raise TrainingDiverged(f"{problem}; training stopped. The last checkpoint, all finite, is "
@@ -713,7 +720,8 @@ def train(o: dict) -> dict:
         say(f"sagan-train: {o['dataset']} ({len(t.data)} images, {t.num_classes or 'no'} classes) at "
             f"{o['image_size']}x{o['image_size']}, {o['ops']} ops, {o['attention']} attention at "
             f"{o['attention_res'] or default_attention_resolution(o['image_size'])}x"
-            f"{o['attention_res'] or default_attention_resolution(o['image_size'])}, {t.world} process(es) on {t.device}"
+            f"{o['attention_res'] or default_attention_resolution(o['image_size'])}, {t.world} process(es) on "
+            f"{t.device}"
             + (f" ({torch.get_num_threads()} CPU threads)" if t.device.type == "cpu" else "")
             + f"; proxy classifier accuracy {out.classifier_accuracy:.3f}"
             + (f"; resumed from {t.resumed_from} at step {t.step}" if o["resume"] else ""))
@@ -812,7 +820,8 @@ def sample_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="samples.png", help="PNG file (default samples.png)")
     p.add_argument("--per-class", type=int, default=8, help="samples per class, or per row if unconditional")
     p.add_argument("--classes", type=int, nargs="*", help="which classes (default: all, up to 10)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise: the same seed draws the same grid (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise: the same seed draws the same grid "
+                                                        "(default 0)")
     p.add_argument("--device", default="cpu", help="where G runs: cpu (default), cuda, cuda:1, ...")
     return p
 
