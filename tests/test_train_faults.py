@@ -25,6 +25,10 @@ class Killed(BaseException):
     """Stands in for kill -9 at the point where it is raised."""
 
 
+def kill(*_):
+    raise Killed
+
+
 def digests(folder: Path) -> dict:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -79,14 +83,13 @@ def test_a_kill_while_starting_loses_no_run_and_no_metrics_row(tmp_path, classif
 
     # killed while the resumed run rewrites metrics.csv: before its rows, then before the rename
     with monkeypatch.context() as m:
-        m.setattr(csv.DictWriter, "writerows", lambda *_: (_ for _ in ()).throw(Killed()))
+        m.setattr(csv.DictWriter, "writerows", kill)
         with pytest.raises(Killed):
             train.main(resume)
     assert steps(tmp_path) == [1, 2]
     replace = os.replace
     with monkeypatch.context() as m:
-        m.setattr(os, "replace", lambda a, b: (_ for _ in ()).throw(Killed()) if str(b).endswith("metrics.csv")
-                  else replace(a, b))
+        m.setattr(os, "replace", lambda a, b: kill() if str(b).endswith("metrics.csv") else replace(a, b))
         with pytest.raises(Killed):
             train.main(resume)
     assert steps(tmp_path) == [1, 2]
