@@ -19,16 +19,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--ch", "8", "--batch-size", "2", "--eval-samples", "20", "--log-every", "1", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def classifier_file(tmp_path_factory):
-    """The proxy classifier, trained once for the module and copied into each run folder."""
-    digits = data.load_digits(32)
-    model, accuracy = evaluation.train_classifier(digits, torch.device("cpu"), epochs=3)
-    path = tmp_path_factory.mktemp("classifier") / "classifier.pt"
-    torch.save({"model": model.state_dict(), "accuracy": accuracy}, path)
-    return path
-
-
 def run(out: Path, classifier_file: Path, *args: str) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "classifier.pt").exists():
