@@ -36,7 +36,7 @@ from .data import DatasetError, ImageDataset, batch_indices, load_dataset, to_fl
 from .evaluation import (InceptionFID, attention_overlays, feature_statistics, frechet_distance, grid,
                          load_or_train_classifier, sample, save_png)
 from .files import WriteError, remove_temporary_files, write_atomically, write_text_atomically
-from .models import IMAGE_SIZES, build_models, default_attention_resolution, layer_sigmas
+from .models import IMAGE_SIZES, build_models, default_attention_resolution, layer_sigmas, sync_batch_norm
 
 # ---------------------------------------------------------------------------------------------
 # Options: defaults < --config file < the run's saved config (--resume) < the command line.
@@ -46,6 +46,7 @@ DEFAULTS = dict(
     ops="fused", attention="sagan", attention_res=None, unconditional=False, ch=16, d_ch=None, z_dim=128,
     loss="hinge", gp_weight=10.0, lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.9, d_steps=1,
     ema_decay=0.999, amp="none", channels_last=False, compile=False, seed=0,
+    sync_bn=False,
     log_every=25, eval_every=250, eval_samples=1000, checkpoint_every=250, keep_checkpoints=3,
     inception=None, progress=True, threads=None, max_loss=1e4, overwrite=False,
 )
@@ -112,6 +113,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast mixed precision (default none)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile G and D")
+    p.add_argument("--sync-bn", action="store_true", help="with many processes, G's batch norm takes its statistics "
+                                                          "over the global batch (cross-replica BN), so that the run "
+                                                          "is the single-process run")
     p.add_argument("--seed", type=int, help=f"seed of the weights, the noise, the batch order and the fixed sample "
                                              f"noise: the same seed and options give the same run "
                                              f"(default {d['seed']})")
@@ -356,6 +360,8 @@ class Trainer:
                                 z_dim=o["z_dim"], attention_res=o["attention_res"], attention=o["attention"], ops=o["ops"])
         except ValueError as e:
             raise UsageError(str(e)) from e
+        if o["sync_bn"]:
+            g = sync_batch_norm(g)  # D has no batch norm
         self.G = g.to(self.device, memory_format=self.memory_format)
         self.D = d.to(self.device, memory_format=self.memory_format)
         self.ema = EMA(self.G, o["ema_decay"]) if o["ema_decay"] > 0 else None
@@ -431,7 +437,8 @@ class Trainer:
 
     def check_replicas(self) -> None:
         """Every rank must hold the same weights and spectral-norm vectors u, v. (BN running
-        statistics are per rank by design: DDP re-broadcasts rank 0's at every forward.)"""
+        statistics are not checked: without --sync-bn each rank's are its own, and DDP
+        re-broadcasts rank 0's at every forward.)"""
         tensors = [t for m in (self.G, self.D) for t in m.parameters()]
         tensors += [b for m in (self.G, self.D) for name, b in m.named_buffers() if name.endswith(("_u", "_v"))]
         local = torch.stack([t.detach().double().sum() for t in tensors])
@@ -445,16 +452,26 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
 
     def seed_noise(self, *stream: int) -> torch.Generator:
-        """Noise as a function of (seed, step, sub-step, rank): exact resume with no RNG state to save."""
+        """Noise as a function of (seed, step, sub-step), the same on every rank: exact resume with
+        no RNG state to save. (The trailing 0 keeps the stream that single-process runs drew when
+        the rank was part of the key.)"""
         key = self.o["seed"]
-        for s in (*stream, self.rank):
+        for s in (*stream, 0):
             key = (key * 1_000_003 + s) % (2 ** 63)
         return self.noise.manual_seed(key)
 
-    def latent(self, n: int, noise: torch.Generator) -> tuple[Tensor, Tensor | None]:
+    def rank_share(self, batch: Tensor) -> Tensor:
+        """This rank's rows of a global batch (the same slice batch_indices takes of the data)."""
+        b = self.o["batch_size"]
+        return batch[self.rank * b:(self.rank + 1) * b]
+
+    def latent(self, noise: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        """This rank's share of noise and labels drawn for the whole global batch, so that K
+        processes train on exactly the batch one process would."""
+        n = self.o["batch_size"] * self.world
         z = torch.randn(n, self.o["z_dim"], device=self.device, generator=noise)
         y = torch.randint(self.num_classes, (n,), device=self.device, generator=noise) if self.num_classes else None
-        return z, y
+        return self.rank_share(z), None if y is None else self.rank_share(y)
 
     def real_batch(self, data_step: int) -> tuple[Tensor, Tensor | None]:
         idx = batch_indices(len(self.data), self.o["batch_size"], data_step, self.o["seed"], self.rank, self.world)
@@ -467,12 +484,12 @@ class Trainer:
         for j in range(o["d_steps"]):
             noise = self.seed_noise(self.step, j)
             real, y_real = self.real_batch(self.step * o["d_steps"] + j)
-            z, y_fake = self.latent(b, noise)
+            z, y_fake = self.latent(noise)
             with torch.no_grad(), self.autocast():
                 fake = self.G_run(z, y_fake).contiguous(memory_format=self.memory_format)
             images, labels = [real, fake.to(real.dtype)], [y_real, y_fake]
             if o["loss"] == "wgan-gp":  # the interpolates go through the same D call (one DDP forward)
-                alpha = torch.rand(b, 1, 1, 1, device=self.device, generator=noise)
+                alpha = self.rank_share(torch.rand(b * self.world, 1, 1, 1, device=self.device, generator=noise))
                 images.append((alpha * real + (1 - alpha) * images[1]).requires_grad_(True))
                 labels.append(y_real)
             y = None if y_real is None else torch.cat(labels)
@@ -487,7 +504,7 @@ class Trainer:
             self.scaler_d.step(self.opt_d)
             self.scaler_d.update()
 
-        z, y_fake = self.latent(b, self.seed_noise(self.step, o["d_steps"]))
+        z, y_fake = self.latent(self.seed_noise(self.step, o["d_steps"]))
         self.D.requires_grad_(False)  # G's step needs no D weight gradients (nor their all-reduce)
         with (self.D_ddp.no_sync() if self.D_ddp else nullcontext()), self.autocast():
             loss_g = generator_loss(self.D_run(self.G_run(z, y_fake), y_fake).float(), o["loss"])
@@ -746,7 +763,11 @@ def train(o: dict) -> dict:
                 continue
             guard.check(last_checkpoint)
             if at_log or at_eval:
-                means = {k: (v / since).item() for k, v in sums.items()}
+                means = torch.stack(list(sums.values())) / since
+                if t.world > 1:  # the global batch's: the mean of the ranks' means over equal shares
+                    dist.all_reduce(means)
+                    means /= t.world
+                means = dict(zip(sums, means.tolist()))
                 row = dict(step=t.step, images_per_s=images_per_step * since / (time.perf_counter() - clock), **means)
                 if out and at_eval:
                     row.update(out.evaluate(t.step))
