@@ -20,6 +20,7 @@ the same estimate torch's own hook would hold. Only u0 is used: BigGAN's extra s
 from __future__ import annotations
 
 import importlib
+import re
 from collections import OrderedDict
 from typing import Optional
 
@@ -36,23 +37,20 @@ def _implied_v(weight: Tensor, u: Tensor, eps: float = 1e-12) -> Tensor:
     return F.normalize(torch.linalg.pinv(w) @ u.double(), dim=0, eps=eps).to(weight.dtype)
 
 
-def _singular_vector_keys(state_dict, prefix: str) -> list[str]:
-    return [prefix + f"{kind}{i}" for kind in ("u", "sv") for i in range(1, 64) if prefix + f"{kind}{i}" in state_dict]
-
-
 def layer_from_biggan(state_dict: dict, prefix: str) -> Optional[Tensor]:
     """Rewrite one BigGAN SN layer's entries (`<prefix>weight`, `u0`, `sv0`) in `state_dict`, in
     place, into torch's layout (`weight_orig`, `weight_u`, `weight_v`). Returns sv0 (the sigma
     BigGAN last logged), or None if `prefix` names no BigGAN SN layer."""
     if prefix + "u0" not in state_dict or prefix + "weight" not in state_dict:
         return None
-    weight, u0 = state_dict.pop(prefix + "weight"), state_dict.pop(prefix + "u0")
-    sv0 = state_dict.pop(prefix + "sv0", None)
-    for key in _singular_vector_keys(state_dict, prefix):
-        del state_dict[key]
+    weight, u0 = state_dict[prefix + "weight"], state_dict[prefix + "u0"]
     if tuple(u0.shape) != (1, weight.shape[0]):
         raise ValueError(f"{prefix}u0 must have shape (1, {weight.shape[0]}) for {prefix}weight of shape "
                          f"{tuple(weight.shape)} (BigGAN-PyTorch's SN layout), got {tuple(u0.shape)}")
+    sv0 = state_dict.get(prefix + "sv0")
+    extra = re.compile(re.escape(prefix) + r"(u|sv)\d+")  # u0, sv0 and any further singular vectors
+    for key in [k for k in state_dict if extra.fullmatch(k)] + [prefix + "weight"]:
+        del state_dict[key]
     u = u0[0].to(weight.dtype)
     state_dict[prefix + "weight_orig"] = weight
     state_dict[prefix + "weight_u"] = u

@@ -93,6 +93,16 @@ def test_biggan_checkpoint_into_the_variant_without_spectral_norm_is_an_error(st
     plain.load_state_dict(BigGANAttention(16).double().state_dict())  # their block without SN still loads
 
 
+def test_further_singular_vectors_are_dropped_and_a_bad_u0_is_named():
+    state = trained_biggan_attention().state_dict()
+    state["theta.u1"], state["theta.sv1"] = torch.randn(1, 2, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    ours = sagan_ext.FusedSelfAttention(16, "biggan", spectral_norm=True).double()
+    ours.load_state_dict(state)  # num_svs > 1: W / sigma uses u0 only
+    state["phi.u0"] = torch.randn(2, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"phi.u0 must have shape \(1, 2\) for phi.weight of shape \(2, 16, 1, 1\)"):
+        ours.load_state_dict(state)
+
+
 def test_round_trips():
     theirs = trained_biggan_attention()
     ours = sagan_ext.FusedSelfAttention(16, "biggan", spectral_norm=True).double()
