@@ -81,13 +81,16 @@ def load(kind: str) -> Optional[str]:
     return reason
 
 
+SOURCE_SUFFIXES = {".cpp", ".h", ".hpp", ".cu", ".cuh"}  # what the compiler reads (not editors' files)
+
+
 def source_key(folder: Path, flags) -> str:
     """A short hash of the kernel sources (their folder's path and every file's name and bytes),
     the build flags and torch's version. The JIT build folder is named by it, so a checkout and an
     installed copy each keep their own build (ninja rebuilds whenever the sources' paths change),
     and a tree whose library is already there never rebuilds."""
     digest = hashlib.sha256(f"{folder.resolve()}\0{torch.__version__}\0{flags!r}".encode())
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+    for path in sorted(p for p in folder.iterdir() if p.suffix in SOURCE_SUFFIXES and p.is_file()):
         digest.update(f"\0{path.name}\0".encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
