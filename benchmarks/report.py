@@ -1,4 +1,5 @@
-"""Turn a pytest-benchmark JSON into a Markdown table and PNG plots.
+"""The comparison tables (and PNG plots) from pytest-benchmark's results. `pytest benchmarks/
+--benchmark-only` prints the tables at the end of its run (benchmarks/conftest.py); from a saved JSON:
 
     pytest benchmarks/ --benchmark-only --benchmark-json=benchmarks/results/cpu.json
     python benchmarks/report.py benchmarks/results/cpu.json      # -> cpu.md, cpu_time.png, cpu_memory.png
@@ -16,7 +17,12 @@ def _shape(params):
 
 
 def load(path: Path):
-    data = json.loads(path.read_text())
+    return parse(json.loads(path.read_text()))
+
+
+def parse(data: dict):
+    """pytest-benchmark's {"machine_info": ..., "benchmarks": [...]} (its JSON, or its session's
+    benchmarks as dicts) -> (machine info, {case: {contender: timing}}, {shape: {contender: MiB}})."""
     timing, memory = defaultdict(dict), defaultdict(dict)  # key -> contender -> record
     for bench in data["benchmarks"]:
         params, info = bench.get("params") or {}, bench.get("extra_info", {})

@@ -1,6 +1,6 @@
 """sagan_ext: fused SAGAN self-attention and spectral norm for PyTorch, with CPU (C++), CUDA,
 Triton and plain-PyTorch reference backends behind one API."""
-from . import backends, ops  # ops registers the sagan_ext:: operators
+from . import backends, biggan, ops  # ops registers the sagan_ext:: operators; biggan: BigGAN-PyTorch checkpoints
 from .attention import EagerSelfAttention, FusedSelfAttention, self_attention
 from .backends import available_backends
 from .spectral_norm import (remove_spectral_norm, sigma, spectral_norm, spectral_norm_sigmas,

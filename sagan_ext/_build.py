@@ -1,8 +1,10 @@
 """Kernel builds: a prebuilt extension if `pip install` made one (SAGAN_EXT_BUILD_EXTENSIONS=1),
 else a JIT build with torch.utils.cpp_extension and ninja on first use, cached in
-TORCH_EXTENSIONS_DIR. A failed build warns once and the caller falls back to another backend."""
+TORCH_EXTENSIONS_DIR under a folder named by a hash of the sources (source_key). A failed build
+warns once and the caller falls back to another backend."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -79,26 +81,49 @@ def load(kind: str) -> Optional[str]:
     return reason
 
 
-def _jit_build(kind: str) -> Optional[str]:
+SOURCE_SUFFIXES = {".cpp", ".h", ".hpp", ".cu", ".cuh"}  # what the compiler reads (not editors' files)
+
+
+def source_key(folder: Path, flags) -> str:
+    """A short hash of the kernel sources (their folder's path and every file's name and bytes),
+    the build flags and torch's version. The JIT build folder is named by it, so a checkout and an
+    installed copy each keep their own build (ninja rebuilds whenever the sources' paths change),
+    and a tree whose library is already there never rebuilds."""
+    digest = hashlib.sha256(f"{folder.resolve()}\0{torch.__version__}\0{flags!r}".encode())
+    for path in sorted(p for p in folder.iterdir() if p.suffix in SOURCE_SUFFIXES and p.is_file()):
+        digest.update(f"\0{path.name}\0".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def jit_plan(kind: str) -> tuple[str, Path, list[str], dict]:
+    """(extension name, build folder, sources, cpp_extension.load flags) of the `kind` kernels."""
     from torch.utils import cpp_extension
 
     root = csrc_dir()
-    name = f"sagan_ext_{kind}"
-    build_dir = Path(cpp_extension._get_build_directory(name, False))  # honours TORCH_EXTENSIONS_DIR
-    library = build_dir / f"{name}.so"
     if kind == "cpu":
         sources, kwargs = cpu_sources(root), dict(extra_cflags=CPU_CFLAGS, extra_ldflags=["-fopenmp"])
     else:
         sources = cuda_sources(root)
         kwargs = dict(extra_cflags=["-O3"], extra_cuda_cflags=CUDA_FLAGS + _device_arch_flags(),
                       extra_include_paths=[str(root / "cuda")])
-    fresh = not library.exists()
-    if fresh:
-        print(f"sagan_ext: compiling the {kind} kernels (first use; cached in {build_dir})...",
-              file=sys.stderr, flush=True)
+    name = f"sagan_ext_{kind}_{source_key(root / kind, kwargs)}"
+    build_dir = Path(cpp_extension._get_build_directory(name, False))  # honours TORCH_EXTENSIONS_DIR
+    return name, build_dir, sources, kwargs
+
+
+def _jit_build(kind: str) -> Optional[str]:
+    from torch.utils import cpp_extension
+
+    name, build_dir, sources, kwargs = jit_plan(kind)
+    fresh = not (build_dir / f"{name}.so").exists()
+    if fresh:  # said before the compiler starts: otherwise a build is a silent pause
+        print(f"sagan_ext: compiling the {kind} kernels from {Path(sources[0]).parent} (first use of these sources; "
+              f"cached in {build_dir})...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:
-        cpp_extension.load(name=name, sources=sources, is_python_module=False, verbose=False, **kwargs)
+        cpp_extension.load(name=name, sources=sources, build_directory=str(build_dir), is_python_module=False,
+                           verbose=False, **kwargs)
     except Exception as error:  # a compiler error, a missing ninja, a broken toolchain
         reason = f"building the {kind} kernels failed: {_gist(error)}"
         warnings.warn(f"sagan_ext: {reason}. Falling back to another backend.", RuntimeWarning, stacklevel=3)

@@ -35,6 +35,13 @@ def as_matrix(name: str, weight) -> Tensor:
     return weight
 
 
+def check_backend(backend) -> None:
+    from .backends import names  # backends imports the kernels' modules; _checks stays import-light
+
+    if backend not in names():
+        raise ValueError(f"backend must be one of {names()}, got {backend!r}")
+
+
 def check_attention(
     x, wq, bq: Optional[Tensor], wk, bk: Optional[Tensor], wv, bv: Optional[Tensor], wo: Optional[Tensor], gamma, pool: bool
 ) -> None:

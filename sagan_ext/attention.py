@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _checks, ops, reference
+from . import _checks, biggan, ops, reference
 from .spectral_norm import spectral_norm as apply_spectral_norm
 
 
@@ -23,10 +23,12 @@ def self_attention(
                   (("query_weight", query_weight), ("key_weight", key_weight), ("value_weight", value_weight)))
     wo = None if out_weight is None else _checks.as_matrix("out_weight", out_weight)
     if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
-        # under autocast the op runs in autocast's dtype, as a matmul would (fp32 weights meet bf16 x)
+        # autocast's rule for a matmul: floating tensors of its device go to its dtype, float64
+        # ones stay (fp32 weights meet bf16 x; a float64 block stays float64)
         dtype = torch.get_autocast_dtype(x.device.type)
         x, wq, wk, wv, gamma, query_bias, key_bias, value_bias, wo = (
-            t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+            t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+            and t.device.type == x.device.type else t
             for t in (x, wq, wk, wv, gamma, query_bias, key_bias, value_bias, wo))
     _checks.check_attention(x, wq, query_bias, wk, key_bias, wv, value_bias, wo, gamma, pool)
     out, _, _ = ops.attention_forward(x, wq, query_bias, wk, key_bias, wv, value_bias, wo, gamma, pool, backend)
@@ -48,14 +50,24 @@ class FusedSelfAttention(nn.Module):
     value_conv (C -> C), all with bias; gamma of shape (1,), initialised to 0.
     variant="biggan" (the official TF code / BigGAN-PyTorch `Attention`): theta, phi (C -> C/qk_reduction),
     g (C -> C/v_reduction), o (C/v_reduction -> C), no biases, keys/values 2x2 max-pooled; gamma a scalar.
-    State dicts of those modules load unchanged.
+    State dicts of those modules load unchanged. BigGAN-PyTorch's own `Attention` (SNConv2d:
+    `theta.weight`, `theta.u0`, `theta.sv0`, ...) loads into `spectral_norm=True`, converted on load
+    (sagan_ext/biggan.py); into the variant without spectral norm it is a ValueError.
+
+    spectral_norm: sagan_ext.spectral_norm on every conv. power_iteration_in_eval: eval forwards
+    also run the power iteration from the stored u, saving nothing (BigGAN-PyTorch's eval); by
+    default they use the stored u, v (torch's).
     """
 
     def __init__(self, in_channels: int, variant: str = "sagan", *, spectral_norm: bool = False,
-                 backend: str = "auto", qk_reduction: int = 8, v_reduction: Optional[int] = None):
+                 backend: str = "auto", qk_reduction: int = 8, v_reduction: Optional[int] = None,
+                 power_iteration_in_eval: bool = False):
         super().__init__()
         if variant not in ("sagan", "biggan"):
             raise ValueError(f"variant must be 'sagan' or 'biggan', got {variant!r}")
+        _checks.check_backend(backend)
+        if power_iteration_in_eval and not spectral_norm:
+            raise ValueError("power_iteration_in_eval=True needs spectral_norm=True")
         if v_reduction is None:
             v_reduction = 1 if variant == "sagan" else 2
         if variant == "sagan" and v_reduction != 1:
@@ -75,7 +87,8 @@ class FusedSelfAttention(nn.Module):
             self.gamma = nn.Parameter(torch.tensor(0.0))
         if spectral_norm:
             for m in self._convs():
-                apply_spectral_norm(m, backend=backend)
+                apply_spectral_norm(m, backend=backend, power_iteration_in_eval=power_iteration_in_eval)
+        self._register_load_state_dict_pre_hook(biggan.attention_load_pre_hook, with_module=True)
 
     def _convs(self) -> list[nn.Conv2d]:
         if self.variant == "sagan":
@@ -90,6 +103,9 @@ class FusedSelfAttention(nn.Module):
         return weights[0], biases[0], weights[1], biases[1], weights[2], biases[2], wo
 
     def forward(self, x: Tensor, return_attention: bool = False):
+        if isinstance(x, Tensor) and x.dim() == 4 and x.shape[1] != self.in_channels:
+            raise ValueError(f"x has {x.shape[1]} channels (shape {tuple(x.shape)}) but this FusedSelfAttention "
+                             f"has in_channels={self.in_channels}")
         wq, bq, wk, bk, wv, bv, wo = self._arguments()
         pool = self.variant == "biggan"
         out = self_attention(x, wq, wk, wv, self.gamma, query_bias=bq, key_bias=bk, value_bias=bv,

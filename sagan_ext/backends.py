@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from . import _build, reference
+from . import _build, _checks, reference
 
 FLOATING = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -230,8 +230,7 @@ def names() -> tuple[str, ...]:
 
 def select(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     """The backend that will run an input on `device` with `dtype`, or ValueError saying why not."""
-    if name not in names():
-        raise ValueError(f"backend must be one of {names()}, got {name!r}")
+    _checks.check_backend(name)
     if name != "auto":
         reason = BACKENDS[name].refusal(device, dtype)
         if reason:

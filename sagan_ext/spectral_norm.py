@@ -37,15 +37,21 @@ def spectral_normalize(
 class SpectralNorm(torch_sn.SpectralNorm):
     """torch's SpectralNorm hook with compute_weight running sagan_ext's operator."""
 
-    def __init__(self, name="weight", n_power_iterations=1, dim=0, eps=1e-12, backend="auto"):
+    power_iteration_in_eval = False  # class default: hooks pickled before the option existed
+
+    def __init__(self, name="weight", n_power_iterations=1, dim=0, eps=1e-12, backend="auto",
+                 power_iteration_in_eval=False):
         super().__init__(name, n_power_iterations, dim, eps)
-        self.backend = backend
+        self.backend, self.power_iteration_in_eval = backend, power_iteration_in_eval
 
     def compute_weight(self, module: nn.Module, do_power_iteration: bool) -> Tensor:
+        u, v = getattr(module, self.name + "_u"), getattr(module, self.name + "_v")
+        if not do_power_iteration and self.power_iteration_in_eval:
+            # BigGAN-PyTorch's eval: iterate from the stored u, v and keep the result to this forward
+            u, v, do_power_iteration = u.clone(), v.clone(), True
         w_sn, sigma = spectral_normalize(
-            getattr(module, self.name + "_orig"), getattr(module, self.name + "_u"), getattr(module, self.name + "_v"),
-            dim=self.dim, n_power_iterations=self.n_power_iterations, eps=self.eps,
-            training=do_power_iteration, backend=self.backend)
+            getattr(module, self.name + "_orig"), u, v, dim=self.dim, n_power_iterations=self.n_power_iterations,
+            eps=self.eps, training=do_power_iteration, backend=self.backend)
         sigma_buffer = getattr(module, self.name + "_sigma", None)
         if sigma_buffer is not None:
             with torch.no_grad():
@@ -60,9 +66,13 @@ def _default_dim(module: nn.Module) -> int:
 
 def spectral_norm(
     module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12,
-    dim: Optional[int] = None, *, backend: str = "auto",
+    dim: Optional[int] = None, *, backend: str = "auto", power_iteration_in_eval: bool = False,
 ) -> nn.Module:
-    """Apply spectral normalisation to `module.<name>` (like torch.nn.utils.spectral_norm)."""
+    """Apply spectral normalisation to `module.<name>` (like torch.nn.utils.spectral_norm).
+    power_iteration_in_eval=True: eval forwards also run the power iteration from the stored u, v
+    without saving it, as BigGAN-PyTorch's SN layers do; by default eval uses the stored u, v, as
+    torch's does."""
+    _checks.check_backend(backend)
     if dim is None:
         dim = _default_dim(module)
     for hook in module._forward_pre_hooks.values():
@@ -73,7 +83,7 @@ def spectral_norm(
         raise ValueError(f"module has no parameter named {name!r} to normalise")
     if n_power_iterations <= 0:
         raise ValueError(f"Expected n_power_iterations to be positive, but got n_power_iterations={n_power_iterations}")
-    fn = SpectralNorm(name, n_power_iterations, dim, eps, backend)
+    fn = SpectralNorm(name, n_power_iterations, dim, eps, backend, power_iteration_in_eval)
     with torch.no_grad():
         weight_mat = fn.reshape_weight_to_matrix(weight)
         h, w = weight_mat.size()

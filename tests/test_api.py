@@ -52,6 +52,20 @@ def test_module_constructor_errors():
         sagan_ext.FusedSelfAttention(16, "transformer")
     with pytest.raises(ValueError, match="divisible by v_reduction=3"):
         sagan_ext.FusedSelfAttention(16, "biggan", v_reduction=3)
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', .*got 'bogus'"):
+        sagan_ext.FusedSelfAttention(16, backend="bogus")  # at construction, not at the first forward
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sagan_ext.spectral_norm(nn.Linear(3, 4), backend="bogus")
+    with pytest.raises(ValueError, match="power_iteration_in_eval=True needs spectral_norm=True"):
+        sagan_ext.FusedSelfAttention(16, power_iteration_in_eval=True)
+
+
+@pytest.mark.parametrize("variant", ["sagan", "biggan"])
+def test_module_channel_mismatch_names_in_channels(variant):
+    block = sagan_ext.FusedSelfAttention(32, variant)
+    with pytest.raises(ValueError, match=r"x has 16 channels \(shape \(2, 16, 4, 4\)\) but this FusedSelfAttention "
+                                         r"has in_channels=32"):
+        block(torch.randn(2, 16, 4, 4))
 
 
 def test_available_backends_explain_themselves():

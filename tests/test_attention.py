@@ -210,3 +210,24 @@ def check_large_logits(backend, variant, x_scale, device="cpu"):
             assert fused <= 3 * eager + 1e-6, f"{name}: fused fp32 error {fused:.2e} > 3x eager's {eager:.2e}"
         else:
             assert fused < 1e-4, f"{name}: fused fp32 error {fused:.2e} (eager {eager:.2e})"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_autocast_casts_float32_and_leaves_float64_alone(backend, variant):
+    """Under CPU bf16 autocast the fused block follows autocast's rule for a matmul: a float64
+    block stays float64 (as the eager block does, to float64 accuracy); float32 runs in bf16
+    (the eager block's own residual add promotes its bf16 attention back to float32)."""
+    fused = sagan_ext.FusedSelfAttention(16, variant, backend=backend)
+    eager = sagan_ext.EagerSelfAttention(16, variant)
+    with torch.no_grad():
+        fused.gamma.fill_(0.6)
+    eager.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 16, 4, 6)
+    for dtype, fused_dtype, eager_dtype, tol in [(torch.float64, torch.float64, torch.float64, 1e-10),
+                                                (torch.float32, torch.bfloat16, torch.float32, 2e-2)]:
+        fused.to(dtype), eager.to(dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, expected = fused(x.to(dtype)), eager(x.to(dtype))
+        assert (out.dtype, expected.dtype) == (fused_dtype, eager_dtype)
+        _assert_relative(out, eager.double()(x.double()), tol, f"{dtype} out")

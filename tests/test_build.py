@@ -1,5 +1,6 @@
 """A failed kernel build warns once, says why, and "auto" falls back to a working backend."""
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,3 +31,53 @@ def test_failed_build_warns_once_and_auto_falls_back(monkeypatch, tmp_path):
     assert select("auto", torch.device("cpu"), torch.float32).name == "reference"
     with pytest.raises(ValueError, match="backend='cpu' cannot run.*no such header"):
         select("cpu", torch.device("cpu"), torch.float32)
+
+
+def test_build_folder_is_keyed_on_the_sources_and_a_compile_is_announced(monkeypatch, tmp_path, capsys):
+    """Two copies of the sources build in two folders (no thrash between a checkout and an installed
+    copy); the same sources find their library (no announcement); changed sources get a new folder.
+    cpp_extension.load is replaced by a recorder that writes the library where ninja would."""
+    import shutil
+    from torch.utils import cpp_extension
+
+    builds = []
+
+    def recording_compiler(name, sources, build_directory, **kwargs):
+        builds.append((name, Path(build_directory), sources))
+        (Path(build_directory) / f"{name}.so").touch()
+
+    copies = [tmp_path / "checkout" / "csrc", tmp_path / "site-packages" / "sagan_ext" / "csrc"]
+    for copy in copies:
+        shutil.copytree(_build.csrc_dir(), copy)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    monkeypatch.setattr(cpp_extension, "load", recording_compiler)
+
+    def build(root):
+        monkeypatch.setattr(_build, "csrc_dir", lambda: root)
+        assert _build._jit_build("cpu") is None
+        return builds[-1][1], capsys.readouterr().err
+
+    first, said = build(copies[0])
+    assert first.parent == tmp_path / "extensions" and first.name.startswith("sagan_ext_cpu_")
+    assert "compiling the cpu kernels" in said and str(copies[0] / "cpu") in said
+    assert all(s.startswith(str(copies[0])) for s in builds[-1][2])
+    assert build(copies[0]) == (first, "")  # unchanged: same folder, library found, nothing announced
+    other, said = build(copies[1])
+    assert other != first and "compiling the cpu kernels" in said
+    assert build(copies[0]) == (first, "") and build(copies[1]) == (other, "")  # alternating: no thrash
+    with open(copies[1] / "cpu" / "attention.cpp", "a") as f:
+        f.write("\n// edited\n")
+    edited, said = build(copies[1])
+    assert edited not in (first, other) and "compiling the cpu kernels" in said
+
+
+def test_unchanged_sources_do_not_rebuild(capsys):
+    """The real toolchain: building the already-built tree again leaves its library as it was."""
+    assert _build._jit_build("cpu") is None  # built by this session already (or now, if it used prebuilt kernels)
+    name, build_dir, _, _ = _build.jit_plan("cpu")
+    library = build_dir / f"{name}.so"
+    stamp = library.stat().st_mtime_ns
+    capsys.readouterr()
+    assert _build._jit_build("cpu") is None
+    assert library.stat().st_mtime_ns == stamp
+    assert "compiling" not in capsys.readouterr().err
