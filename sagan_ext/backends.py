@@ -105,9 +105,12 @@ def _lse_from_stats(stats):
 
 
 class CudaBackend(Backend):
-    """CUDA C++ kernels (csrc/cuda): FFMA with float32 accumulation for fp32/fp16/bf16, query/key
-    dim up to 64 (wider ones run on the next backend that takes them); spectral norm in one
-    cooperative launch each way."""
+    """CUDA C++ kernels (csrc/cuda), query/key dim up to 64 (wider ones run on the next backend
+    that takes them). Attention: fp16 and bf16 on tensor cores (mma.sync m16n8k16, fp32
+    accumulation); fp32 on tensor cores as TF32 (m16n8k8) when
+    torch.backends.cuda.matmul.allow_tf32 is set, else on CUDA cores (FFMA, full fp32). The
+    paper variant's residual x + gamma * o is written by the forward's epilogue. Spectral norm in
+    one cooperative launch each way."""
 
     name, devices = "cuda", ("cuda",)
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
@@ -120,6 +123,10 @@ class CudaBackend(Backend):
     def _stream(t):
         return torch.cuda.current_stream(t.device).cuda_stream
 
+    @staticmethod
+    def _tf32(t):
+        return t.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+
     def _fallback(self, q):
         for name in ("triton", "reference"):
             backend = BACKENDS[name]
@@ -131,14 +138,24 @@ class CudaBackend(Backend):
         if q.shape[-1] > self.max_query_key_dim:
             return self._fallback(q).attention_forward(q, k, v)
         with torch.cuda.device(q.device):
-            o, lse = torch.ops.sagan_ext_cuda.attention_forward(q, k, v, self._stream(q))
-        return o, _stats_from_lse(lse)
+            return torch.ops.sagan_ext_cuda.attention_forward(q, k, v, self._tf32(q), self._stream(q))
+
+    def attention_forward_residual(self, q, k, v, x, gamma):
+        if q.shape[-1] > self.max_query_key_dim:
+            fallback = self._fallback(q)
+            if hasattr(fallback, "attention_forward_residual"):
+                return fallback.attention_forward_residual(q, k, v, x, gamma)
+            o, stats = fallback.attention_forward(q, k, v)
+            return torch.addcmul(x, gamma.reshape(()), o.transpose(1, 2).reshape(x.shape)), o, stats
+        with torch.cuda.device(q.device):
+            return torch.ops.sagan_ext_cuda.attention_forward_residual(
+                q, k, v, x, gamma.reshape(1).to(x.dtype), self._tf32(q), self._stream(q))
 
     def attention_backward(self, do, q, k, v, o, stats):
         if q.shape[-1] > self.max_query_key_dim:
             return self._fallback(q).attention_backward(do, q, k, v, o, stats)
         with torch.cuda.device(q.device):
-            return torch.ops.sagan_ext_cuda.attention_backward(do, q, k, v, o, _lse_from_stats(stats), self._stream(q))
+            return torch.ops.sagan_ext_cuda.attention_backward(do, q, k, v, o, stats, self._tf32(q), self._stream(q))
 
     def spectral_norm_forward(self, w, u, v, iterations, eps):
         with torch.cuda.device(w.device):

@@ -9,7 +9,7 @@ from torch import nn
 import sagan_ext
 
 from sagan_ext_testing import attention_grads, attention_inputs, reference_grads
-from test_attention import _assert_grads, _assert_relative, check_low_precision
+from test_attention import _assert_grads, _assert_relative, check_large_logits, check_low_precision
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -69,6 +69,100 @@ def test_spectral_norm_matches_torch(backend):
             theirs.zero_grad(), ours.zero_grad()
             y_t.backward(g), y_o.backward(g)
             torch.testing.assert_close(ours.weight_orig.grad, theirs.weight_orig.grad, rtol=1e-4, atol=1e-6)
+
+
+# The CUDA kernels' own paths: FFMA (fp32 without TF32), tensor cores (tf32, fp16, bf16).
+CUDA_PATHS = {"fp32": (torch.float32, False, 1e-4), "tf32": (torch.float32, True, 4e-3),
+              "fp16": (torch.float16, False, 2e-3), "bf16": (torch.bfloat16, False, 1.6e-2)}
+# (B, N, M, dk, dv): one key; ragged N with the paper's M = N; pooled M = N / 4; dk 8..64 buckets; dv up to 512
+CORE_SHAPES = [(1, 1, 1, 8, 8), (3, 63, 63, 24, 130), (1, 300, 300, 32, 64), (3, 63, 15, 64, 8),
+               (1, 300, 75, 8, 256), (1, 1024, 256, 32, 512), (3, 1024, 1024, 64, 256)]
+
+
+def _core_ops():
+    from sagan_ext.backends import BACKENDS
+    assert BACKENDS["cuda"].unavailable() is None
+    return torch.ops.sagan_ext_cuda
+
+
+def _relative(x, ref):
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()
+
+
+@pytest.mark.parametrize("path", CUDA_PATHS)
+@pytest.mark.parametrize("channel_major", [True, False], ids=["channel_major", "position_major"])
+def test_attention_core_kernels_match_float64(path, channel_major):
+    """Each kernel path on the attention core directly, against float64 on the same rounded inputs;
+    channel-major views (as ops.py passes them) and position-major tensors; outputs in NaN memory."""
+    ops, (dtype, tf32, tol) = _core_ops(), CUDA_PATHS[path]
+    torch.manual_seed(0)
+    for b, n, m, dk, dv in CORE_SHAPES:
+        sd = (9.0 / dk) ** 0.25  # scores with standard deviation 3
+        q, k, v, do = (t.to("cuda", dtype) for t in (torch.randn(b, n, dk) * sd, torch.randn(b, m, dk) * sd,
+                                                       torch.randn(b, m, dv), torch.randn(b, n, dv)))
+        if channel_major:
+            q, k, v, do = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v, do))
+        x, gamma = torch.randn(b, dv, 1, n, device="cuda", dtype=dtype), torch.tensor([0.7], device="cuda", dtype=dtype)
+        stream = torch.cuda.current_stream().cuda_stream
+        poison_allocator()
+        out, o, stats = ops.attention_forward_residual(q, k, v, x, gamma, tf32, stream)
+        dq, dk_, dv_ = ops.attention_backward(do, q, k, v, o, stats, tf32, stream)
+        q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+        s = q64 @ k64.transpose(1, 2)
+        o64 = torch.softmax(s, -1) @ v64
+        grads = torch.autograd.grad(o64, (q64, k64, v64), do.double())
+        m64 = s.max(-1).values.detach()
+        l64 = torch.exp(s - m64[..., None]).sum(-1).detach()
+        o64 = o64.detach()
+        shape = (path, b, n, m, dk, dv)
+        for t in (out, o, stats, dq, dk_, dv_):
+            assert torch.isfinite(t).all(), shape
+        assert _relative(o, o64) < tol, shape
+        assert _relative(out, x.double() + gamma.double() * o64.transpose(1, 2).reshape(x.shape)) < tol, shape
+        assert _relative(stats[:, 0], m64) < (1e-3 if tf32 else 1e-5), shape
+        assert _relative(stats[:, 1], l64) < (4e-3 if tf32 else 1e-5), shape
+        for name, got, want in zip(("dq", "dk", "dv"), (dq, dk_, dv_), grads):
+            assert _relative(got, want) < tol, (name, shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("variant", [0, 1, 2, 3])
+def test_ptx_wrappers_fragment_layouts(dtype, variant):
+    """One mma through each PTX wrapper path (ldmatrix x4/x2/x1, .trans, cp.async, packing, cvt to
+    tf32) against torch.matmul, on values every format holds exactly (so the result is exact): a
+    wrong fragment layout moves elements and fails here before it can hide in attention's error."""
+    if dtype == torch.float32 and variant > 1:
+        pytest.skip("variants 2 and 3 pack 16-bit A fragments from registers; tf32 has no packed form")
+    ops = _core_ops()
+    kk = 8 if dtype == torch.float32 else 16
+    torch.manual_seed(variant)
+    a = (torch.randint(-8, 9, (16, kk)) / 4).to("cuda", dtype)
+    b = (torch.randint(-8, 9, (kk, 8)) / 4).to("cuda", dtype)
+    d = ops.ptx_mma_selftest(a, b, dtype == torch.float32, variant, torch.cuda.current_stream().cuda_stream)
+    torch.testing.assert_close(d, torch.matmul(a.double(), b.double()).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant, x_scale", [("sagan", 10.0), ("biggan", 10.0)])
+def test_float32_large_logits_as_accurate_as_eager(variant, x_scale):
+    """fp32 without TF32 (the FFMA kernels) at scores ~1e3: within 3x of eager's own fp32 error."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    check_large_logits("cuda", variant, x_scale, device="cuda")
+
+
+@pytest.mark.parametrize("variant", ["sagan", "biggan"])
+def test_tf32_block_matches_float64_reference(variant):
+    """fp32 with TF32 allowed runs the tensor-core kernels: TF32's 10-bit operands, so 5e-3."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        for shape in ((2, 64, 15, 20), (2, 256, 32, 32)):
+            inputs = attention_inputs(variant, *shape, dtype=torch.float32, device="cuda")
+            poison_allocator()
+            out, grads = attention_grads(inputs, "cuda")
+            ref_out, ref_grads = reference_grads({k: v.detach().double().requires_grad_() for k, v in inputs.items()})
+            _assert_relative(out, ref_out, 5e-3, f"{shape} out")
+            _assert_grads(grads, ref_grads, 5e-3)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def test_auto_picks_cuda_and_compile_fullgraph_matches_eager():

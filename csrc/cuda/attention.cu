@@ -1,5 +1,5 @@
-// Fused SAGAN attention core on CUDA cores (FFMA, float32 accumulation): the accurate path for
-// every dtype. One query (forward, dQ) or key (dV, dK) row per thread; the other side's rows are
+// Fused SAGAN attention core on CUDA cores (FFMA, float32 accumulation): the path for float32
+// without TF32 (fp16/bf16 and TF32 run the tensor-core kernels of attention_mma.cu). One query (forward, dQ) or key (dV, dK) row per thread; the other side's rows are
 // staged through shared memory kTile at a time, where every thread reads the same element (a
 // broadcast). The query/key dim is padded to DK (16 or 64) in registers with zeros, never in memory.
 // The value dim is tiled across blocks (kDvTile) in the forward and dV, recomputing the cheap
@@ -18,30 +18,19 @@ constexpr int kTile = 32;
 constexpr int kDvTile = 64;
 constexpr int kChunk = 32;
 
-template <typename T>
-struct Views {  // the batch's rows of every tensor
-  const T *q, *k, *v, *o, *d_o;
-  __device__ Views(const AttentionParams& p, int b)
-      : q(static_cast<const T*>(p.q) + b * p.q_batch_stride),
-        k(static_cast<const T*>(p.k) + b * p.k_batch_stride),
-        v(static_cast<const T*>(p.v) + b * p.v_batch_stride),
-        o(static_cast<const T*>(p.o) + b * p.o_batch_stride),
-        d_o(static_cast<const T*>(p.d_o) + b * p.o_batch_stride) {}
-};
-
 template <typename T, int DK>
-__device__ __forceinline__ void load_row(float (&dst)[DK], const T* rows, int64_t stride, int row, int valid_rows, int dk) {
+__device__ __forceinline__ void load_row(float (&dst)[DK], const BatchView<T>& rows, int row, int valid_rows, int dk) {
 #pragma unroll
-  for (int d = 0; d < DK; ++d) dst[d] = (row < valid_rows && d < dk) ? load(rows + row * stride + d) : 0.f;
+  for (int d = 0; d < DK; ++d) dst[d] = (row < valid_rows && d < dk) ? load(rows.at(row, d)) : 0.f;
 }
 
-// dst[r][c] = rows[(r0 + r) * stride + c0 + c], zero outside (valid_rows, valid_cols)
+// dst[r][c] = rows(r0 + r, c0 + c), zero outside (valid_rows, valid_cols)
 template <typename T, int R, int C>
-__device__ __forceinline__ void stage(float (&dst)[R][C], const T* rows, int64_t stride, int r0, int valid_rows, int c0,
+__device__ __forceinline__ void stage(float (&dst)[R][C], const BatchView<T>& rows, int r0, int valid_rows, int c0,
                                       int valid_cols) {
   for (int idx = threadIdx.x; idx < R * C; idx += blockDim.x) {
     const int r = idx / C, c = idx % C;
-    dst[r][c] = (r0 + r < valid_rows && c0 + c < valid_cols) ? load(rows + (r0 + r) * stride + c0 + c) : 0.f;
+    dst[r][c] = (r0 + r < valid_rows && c0 + c < valid_cols) ? load(rows.at(r0 + r, c0 + c)) : 0.f;
   }
 }
 
@@ -56,19 +45,19 @@ __device__ __forceinline__ float dot(const float (&a)[DK], const float* b) {
 template <typename T, int DK>
 __global__ void __launch_bounds__(kThreads) attention_forward_kernel(AttentionParams p) {
   const int b = blockIdx.y, row = blockIdx.x * kThreads + threadIdx.x, c0 = blockIdx.z * kDvTile;
-  const Views<T> t(p, b);
+  const BatchView<const T> q_rows(p.q, b), k_rows(p.k, b), v_rows(p.v, b);
   __shared__ float k_s[kTile][DK];
   __shared__ float v_s[kTile][kDvTile];
   float q[DK];
-  load_row<T, DK>(q, t.q, p.q_row_stride, row, p.n, p.dk);
+  load_row<const T, DK>(q, q_rows, row, p.n, p.dk);
   float m = -INFINITY, l = 0.f, acc[kDvTile];
 #pragma unroll
   for (int c = 0; c < kDvTile; ++c) acc[c] = 0.f;
   for (int j0 = 0; j0 < p.m; j0 += kTile) {
     const int tile = min(kTile, p.m - j0);
     __syncthreads();
-    stage<T, kTile, DK>(k_s, t.k, p.k_row_stride, j0, p.m, 0, p.dk);
-    stage<T, kTile, kDvTile>(v_s, t.v, p.v_row_stride, j0, p.m, c0, p.dv);
+    stage<const T, kTile, DK>(k_s, k_rows, j0, p.m, 0, p.dk);
+    stage<const T, kTile, kDvTile>(v_s, v_rows, j0, p.m, c0, p.dv);
     __syncthreads();
     float s[kTile], tile_max = -INFINITY;
 #pragma unroll
@@ -91,91 +80,82 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(AttentionPa
     m = m_new;
   }
   if (row >= p.n) return;
-  T* o = static_cast<T*>(p.o) + b * p.o_batch_stride + row * p.o_row_stride + c0;
   const float inv = 1.f / l;
 #pragma unroll
   for (int c = 0; c < kDvTile; ++c)
-    if (c0 + c < p.dv) store(o + c, acc[c] * inv);
-  if (blockIdx.z == 0) p.lse[static_cast<int64_t>(b) * p.n + row] = m + logf(l);
+    if (c0 + c < p.dv) store_output<T>(p, b, row, c0 + c, acc[c] * inv);
+  if (blockIdx.z == 0) row_stats(p, b)[row] = m, row_stats(p, b)[p.n + row] = l;
 }
 
-// delta[b, i] = sum_c dO[b, i, c] * O[b, i, c]: one warp per row.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) attention_delta_kernel(AttentionParams p) {
-  const int b = blockIdx.y, row = blockIdx.x * (kThreads / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (row >= p.n) return;  // the whole warp leaves together
-  const Views<T> t(p, b);
-  float acc = 0.f;
-  for (int c = lane; c < p.dv; c += 32) acc = fmaf(load(t.o + row * p.o_row_stride + c), load(t.d_o + row * p.o_row_stride + c), acc);
-  acc = warp_sum(acc);
-  if (lane == 0) p.delta[static_cast<int64_t>(b) * p.n + row] = acc;
-}
+// p_ij = exp(s_ij - m_i) / l_i with s_ij from dot<DK>, the forward's arithmetic (fmaf is symmetric
+// in its factors, so dot(k, q) == dot(q, k) bit for bit).
+__device__ __forceinline__ float probability(float s, float m, float l) { return expf(s - m) / l; }
 
 // dV[j, c0:c0+kDvTile] = sum_i p_ij dO[i, c0:...]: one key per thread, queries staged.
 template <typename T, int DK>
 __global__ void __launch_bounds__(kThreads) attention_dv_kernel(AttentionParams p) {
   const int b = blockIdx.y, key = blockIdx.x * kThreads + threadIdx.x, c0 = blockIdx.z * kDvTile;
-  const Views<T> t(p, b);
-  const float* lse = p.lse + static_cast<int64_t>(b) * p.n;
+  const BatchView<const T> q_rows(p.q, b), k_rows(p.k, b), do_rows(p.d_o, b);
+  const float* stats = row_stats(p, b);
   __shared__ float q_s[kTile][DK];
   __shared__ float do_s[kTile][kDvTile];
-  __shared__ float lse_s[kTile];
+  __shared__ float m_s[kTile], l_s[kTile];
   float k[DK], acc[kDvTile];
-  load_row<T, DK>(k, t.k, p.k_row_stride, key, p.m, p.dk);
+  load_row<const T, DK>(k, k_rows, key, p.m, p.dk);
 #pragma unroll
   for (int c = 0; c < kDvTile; ++c) acc[c] = 0.f;
   for (int i0 = 0; i0 < p.n; i0 += kTile) {
     const int tile = min(kTile, p.n - i0);
     __syncthreads();
-    stage<T, kTile, DK>(q_s, t.q, p.q_row_stride, i0, p.n, 0, p.dk);
-    stage<T, kTile, kDvTile>(do_s, t.d_o, p.o_row_stride, i0, p.n, c0, p.dv);
-    if (threadIdx.x < kTile) lse_s[threadIdx.x] = threadIdx.x < tile ? lse[i0 + threadIdx.x] : 0.f;
+    stage<const T, kTile, DK>(q_s, q_rows, i0, p.n, 0, p.dk);
+    stage<const T, kTile, kDvTile>(do_s, do_rows, i0, p.n, c0, p.dv);
+    if (threadIdx.x < tile) m_s[threadIdx.x] = stats[i0 + threadIdx.x], l_s[threadIdx.x] = stats[p.n + i0 + threadIdx.x];
     __syncthreads();
     for (int i = 0; i < tile; ++i) {
-      const float pij = expf(dot<DK>(k, q_s[i]) - lse_s[i]);
+      const float pij = probability(dot<DK>(k, q_s[i]), m_s[i], l_s[i]);
 #pragma unroll
       for (int c = 0; c < kDvTile; ++c) acc[c] = fmaf(pij, do_s[i][c], acc[c]);
     }
   }
   if (key >= p.m) return;
-  T* dv = static_cast<T*>(p.dv_out) + b * p.v_batch_stride + key * p.v_row_stride + c0;
+  const BatchView<T> dv(p.dv_out, b);
 #pragma unroll
   for (int c = 0; c < kDvTile; ++c)
-    if (c0 + c < p.dv) store(dv + c, acc[c]);
+    if (c0 + c < p.dv) store(dv.at(key, c0 + c), acc[c]);
 }
 
 // dK[j] = sum_i dS_ij q_i with dS_ij = p_ij (dO_i . v_j - delta_i): one key per thread.
 template <typename T, int DK>
 __global__ void __launch_bounds__(kThreads) attention_dk_kernel(AttentionParams p) {
   const int b = blockIdx.y, key = blockIdx.x * kThreads + threadIdx.x;
-  const Views<T> t(p, b);
-  const float* lse = p.lse + static_cast<int64_t>(b) * p.n;
+  const BatchView<const T> q_rows(p.q, b), k_rows(p.k, b), v_rows(p.v, b), do_rows(p.d_o, b);
+  const float* stats = row_stats(p, b);
   const float* delta = p.delta + static_cast<int64_t>(b) * p.n;
   __shared__ float q_s[kTile][DK];
   __shared__ float do_s[kTile][kChunk];
-  __shared__ float lse_s[kTile], delta_s[kTile];
+  __shared__ float m_s[kTile], l_s[kTile], delta_s[kTile];
   float k[DK], acc[DK];
-  load_row<T, DK>(k, t.k, p.k_row_stride, key, p.m, p.dk);
+  load_row<const T, DK>(k, k_rows, key, p.m, p.dk);
 #pragma unroll
   for (int d = 0; d < DK; ++d) acc[d] = 0.f;
   for (int i0 = 0; i0 < p.n; i0 += kTile) {
     const int tile = min(kTile, p.n - i0);
     __syncthreads();
-    stage<T, kTile, DK>(q_s, t.q, p.q_row_stride, i0, p.n, 0, p.dk);
-    if (threadIdx.x < kTile) {
-      lse_s[threadIdx.x] = threadIdx.x < tile ? lse[i0 + threadIdx.x] : 0.f;
-      delta_s[threadIdx.x] = threadIdx.x < tile ? delta[i0 + threadIdx.x] : 0.f;
+    stage<const T, kTile, DK>(q_s, q_rows, i0, p.n, 0, p.dk);
+    if (threadIdx.x < tile) {
+      m_s[threadIdx.x] = stats[i0 + threadIdx.x], l_s[threadIdx.x] = stats[p.n + i0 + threadIdx.x];
+      delta_s[threadIdx.x] = delta[i0 + threadIdx.x];
     }
     float dp[kTile];
 #pragma unroll
     for (int i = 0; i < kTile; ++i) dp[i] = 0.f;
     for (int c0 = 0; c0 < p.dv; c0 += kChunk) {
       __syncthreads();
-      stage<T, kTile, kChunk>(do_s, t.d_o, p.o_row_stride, i0, p.n, c0, p.dv);
+      stage<const T, kTile, kChunk>(do_s, do_rows, i0, p.n, c0, p.dv);
       __syncthreads();
       float v[kChunk];
 #pragma unroll
-      for (int c = 0; c < kChunk; ++c) v[c] = (key < p.m && c0 + c < p.dv) ? load(t.v + key * p.v_row_stride + c0 + c) : 0.f;
+      for (int c = 0; c < kChunk; ++c) v[c] = (key < p.m && c0 + c < p.dv) ? load(v_rows.at(key, c0 + c)) : 0.f;
 #pragma unroll
       for (int i = 0; i < kTile; ++i)
 #pragma unroll
@@ -184,47 +164,48 @@ __global__ void __launch_bounds__(kThreads) attention_dk_kernel(AttentionParams 
 #pragma unroll
     for (int i = 0; i < kTile; ++i) {
       if (i < tile) {
-        const float ds = expf(dot<DK>(k, q_s[i]) - lse_s[i]) * (dp[i] - delta_s[i]);
+        const float ds = probability(dot<DK>(k, q_s[i]), m_s[i], l_s[i]) * (dp[i] - delta_s[i]);
 #pragma unroll
         for (int d = 0; d < DK; ++d) acc[d] = fmaf(ds, q_s[i][d], acc[d]);
       }
     }
   }
   if (key >= p.m) return;
-  T* dk = static_cast<T*>(p.dk_out) + b * p.k_batch_stride + key * p.k_row_stride;
+  const BatchView<T> dk(p.dk_out, b);
 #pragma unroll
   for (int d = 0; d < DK; ++d)
-    if (d < p.dk) store(dk + d, acc[d]);
+    if (d < p.dk) store(dk.at(key, d), acc[d]);
 }
 
 // dQ[i] = sum_j dS_ij k_j: one query per thread, keys and value chunks staged.
 template <typename T, int DK>
 __global__ void __launch_bounds__(kThreads) attention_dq_kernel(AttentionParams p) {
   const int b = blockIdx.y, row = blockIdx.x * kThreads + threadIdx.x;
-  const Views<T> t(p, b);
+  const BatchView<const T> q_rows(p.q, b), k_rows(p.k, b), v_rows(p.v, b), do_rows(p.d_o, b);
   const bool active = row < p.n;
-  const float lse = active ? p.lse[static_cast<int64_t>(b) * p.n + row] : 0.f;
+  const float* stats = row_stats(p, b);
+  const float m = active ? stats[row] : 0.f, l = active ? stats[p.n + row] : 1.f;
   const float delta = active ? p.delta[static_cast<int64_t>(b) * p.n + row] : 0.f;
   __shared__ float k_s[kTile][DK];
   __shared__ float v_s[kTile][kChunk];
   float q[DK], acc[DK];
-  load_row<T, DK>(q, t.q, p.q_row_stride, row, p.n, p.dk);
+  load_row<const T, DK>(q, q_rows, row, p.n, p.dk);
 #pragma unroll
   for (int d = 0; d < DK; ++d) acc[d] = 0.f;
   for (int j0 = 0; j0 < p.m; j0 += kTile) {
     const int tile = min(kTile, p.m - j0);
     __syncthreads();
-    stage<T, kTile, DK>(k_s, t.k, p.k_row_stride, j0, p.m, 0, p.dk);
+    stage<const T, kTile, DK>(k_s, k_rows, j0, p.m, 0, p.dk);
     float dp[kTile];
 #pragma unroll
     for (int j = 0; j < kTile; ++j) dp[j] = 0.f;
     for (int c0 = 0; c0 < p.dv; c0 += kChunk) {
       __syncthreads();
-      stage<T, kTile, kChunk>(v_s, t.v, p.v_row_stride, j0, p.m, c0, p.dv);
+      stage<const T, kTile, kChunk>(v_s, v_rows, j0, p.m, c0, p.dv);
       __syncthreads();
       float d_o[kChunk];
 #pragma unroll
-      for (int c = 0; c < kChunk; ++c) d_o[c] = (active && c0 + c < p.dv) ? load(t.d_o + row * p.o_row_stride + c0 + c) : 0.f;
+      for (int c = 0; c < kChunk; ++c) d_o[c] = (active && c0 + c < p.dv) ? load(do_rows.at(row, c0 + c)) : 0.f;
 #pragma unroll
       for (int j = 0; j < kTile; ++j)
 #pragma unroll
@@ -233,17 +214,29 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(AttentionParams 
 #pragma unroll
     for (int j = 0; j < kTile; ++j) {
       if (j < tile) {
-        const float ds = expf(dot<DK>(q, k_s[j]) - lse) * (dp[j] - delta);
+        const float ds = probability(dot<DK>(q, k_s[j]), m, l) * (dp[j] - delta);
 #pragma unroll
         for (int d = 0; d < DK; ++d) acc[d] = fmaf(ds, k_s[j][d], acc[d]);
       }
     }
   }
   if (!active) return;
-  T* dq = static_cast<T*>(p.dq) + b * p.q_batch_stride + row * p.q_row_stride;
+  const BatchView<T> dq(p.dq, b);
 #pragma unroll
   for (int d = 0; d < DK; ++d)
-    if (d < p.dk) store(dq + d, acc[d]);
+    if (d < p.dk) store(dq.at(row, d), acc[d]);
+}
+
+// delta[b, i] = sum_c dO[b, i, c] * O[b, i, c]: one row per thread, so that channel-major dO and O
+// (positions contiguous) load coalesced.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) attention_delta_kernel(AttentionParams p) {
+  const int b = blockIdx.y, row = blockIdx.x * kThreads + threadIdx.x;
+  if (row >= p.n) return;
+  const BatchView<const T> o(p.o, b), d_o(p.d_o, b);
+  float acc = 0.f;
+  for (int c = 0; c < p.dv; ++c) acc = fmaf(load(o.at(row, c)), load(d_o.at(row, c)), acc);
+  p.delta[static_cast<int64_t>(b) * p.n + row] = acc;
 }
 
 // dk <= 16 runs the narrow instantiation; up to kMaxQueryKeyDim the wide one (two per kernel and
@@ -259,32 +252,35 @@ int blocks(int n, int per_block) { return (n + per_block - 1) / per_block; }
 
 }  // namespace
 
+cudaError_t attention_delta(const AttentionParams& p, cudaStream_t stream) {
+  return dispatch_dtype(p.dtype, [&](auto type) {
+    attention_delta_kernel<decltype(type)><<<dim3(blocks(p.n, kThreads), p.batch), kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
+
 cudaError_t attention_forward(const AttentionParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.n == 0) return cudaSuccess;
   if (p.m <= 0 || p.dv <= 0 || p.batch > 65535) return cudaErrorInvalidValue;
-  return dispatch_dtype(p.dtype, [&](auto type) {
-    using T = decltype(type);
-    return dispatch_dk(p.dk, [&](auto dk) {
-      const dim3 grid(blocks(p.n, kThreads), p.batch, blocks(p.dv, kDvTile));
-      attention_forward_kernel<T, decltype(dk)::value><<<grid, kThreads, 0, stream>>>(p);
-      return cudaGetLastError();
-    });
+  if (p.dtype != DType::kFloat32 || p.tf32) return attention_forward_mma(p, stream);
+  return dispatch_dk(p.dk, [&](auto dk) {
+    const dim3 grid(blocks(p.n, kThreads), p.batch, blocks(p.dv, kDvTile));
+    attention_forward_kernel<float, decltype(dk)::value><<<grid, kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
   });
 }
 
 cudaError_t attention_backward(const AttentionParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.n == 0) return cudaSuccess;
   if (p.m <= 0 || p.dv <= 0 || p.batch > 65535) return cudaErrorInvalidValue;
-  return dispatch_dtype(p.dtype, [&](auto type) {
-    using T = decltype(type);
-    attention_delta_kernel<T><<<dim3(blocks(p.n, kThreads / 32), p.batch), kThreads, 0, stream>>>(p);
-    return dispatch_dk(p.dk, [&](auto dk) {
-      constexpr int DK = decltype(dk)::value;
-      attention_dv_kernel<T, DK><<<dim3(blocks(p.m, kThreads), p.batch, blocks(p.dv, kDvTile)), kThreads, 0, stream>>>(p);
-      attention_dk_kernel<T, DK><<<dim3(blocks(p.m, kThreads), p.batch), kThreads, 0, stream>>>(p);
-      attention_dq_kernel<T, DK><<<dim3(blocks(p.n, kThreads), p.batch), kThreads, 0, stream>>>(p);
-      return cudaGetLastError();
-    });
+  if (const cudaError_t e = attention_delta(p, stream); e != cudaSuccess) return e;
+  if (p.dtype != DType::kFloat32 || p.tf32) return attention_backward_mma(p, stream);
+  return dispatch_dk(p.dk, [&](auto dk) {
+    constexpr int DK = decltype(dk)::value;
+    attention_dv_kernel<float, DK><<<dim3(blocks(p.m, kThreads), p.batch, blocks(p.dv, kDvTile)), kThreads, 0, stream>>>(p);
+    attention_dk_kernel<float, DK><<<dim3(blocks(p.m, kThreads), p.batch), kThreads, 0, stream>>>(p);
+    attention_dq_kernel<float, DK><<<dim3(blocks(p.n, kThreads), p.batch), kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
   });
 }
 

@@ -37,7 +37,13 @@ void check_same(const at::Tensor& t, const at::Tensor& like, const char* name) {
               t.scalar_type());
 }
 
-sagan_ext::AttentionParams attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+sagan_ext::Matrix matrix(const at::Tensor& t) {
+  return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// q, k, v are read through their strides (ops.py passes channel-major views of one projection
+// GEMM; other callers position-major tensors): no copies.
+sagan_ext::AttentionParams attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool allow_tf32) {
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor");
   check_same(k, q, "k");
   check_same(v, q, "v");
@@ -47,47 +53,88 @@ sagan_ext::AttentionParams attention_params(const at::Tensor& q, const at::Tenso
   TORCH_CHECK(q.size(2) <= sagan_ext::kMaxQueryKeyDim, "query/key dim ", q.size(2), " is above the CUDA kernels' ",
               sagan_ext::kMaxQueryKeyDim);
   sagan_ext::AttentionParams p;
-  p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
-  p.q_batch_stride = q.stride(0), p.q_row_stride = q.stride(1);
-  p.k_batch_stride = k.stride(0), p.k_row_stride = k.stride(1);
-  p.v_batch_stride = v.stride(0), p.v_row_stride = v.stride(1);
+  p.q = matrix(q), p.k = matrix(k), p.v = matrix(v);
   p.batch = static_cast<int>(q.size(0)), p.n = static_cast<int>(q.size(1)), p.m = static_cast<int>(k.size(1));
   p.dk = static_cast<int>(q.size(2)), p.dv = static_cast<int>(v.size(2));
   p.dtype = dtype_of(q);
+  p.tf32 = allow_tf32;
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-                                                     int64_t stream) {
-  const auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
-  auto p = attention_params(q, k, v);
-  auto o = at::empty({q.size(0), q.size(1), v.size(2)}, q.options());
-  auto lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
-  p.o = o.data_ptr(), p.o_batch_stride = o.stride(0), p.o_row_stride = o.stride(1);
-  p.lse = lse.data_ptr<float>();
-  check_cuda(sagan_ext::attention_forward(p, as_stream(stream)), "attention_forward");
-  return {o, lse};
+// o channel-major (B, N, dv) with strides (dv N, 1, N), as ops.py's residual and dgamma read it;
+// stats (B, 2, N) float32.
+std::tuple<at::Tensor, at::Tensor> forward_outputs(sagan_ext::AttentionParams& p, const at::Tensor& q) {
+  auto o = at::empty({p.batch, p.dv, p.n}, q.options()).transpose(1, 2);
+  auto stats = at::empty({p.batch, 2, p.n}, q.options().dtype(at::kFloat));
+  p.o = matrix(o), p.stats = stats.data_ptr<float>();
+  return {o, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& d_o_, const at::Tensor& q_,
-                                                                  const at::Tensor& k_, const at::Tensor& v_,
-                                                                  const at::Tensor& o_, const at::Tensor& lse_,
-                                                                  int64_t stream) {
-  const auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(), o = o_.contiguous();
-  const auto d_o = d_o_.contiguous(), lse = lse_.to(at::kFloat).contiguous();
-  auto p = attention_params(q, k, v);
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     bool allow_tf32, int64_t stream) {
+  auto p = attention_params(q, k, v, allow_tf32);
+  auto [o, stats] = forward_outputs(p, q);
+  check_cuda(sagan_ext::attention_forward(p, as_stream(stream)), "attention_forward");
+  return {o, stats};
+}
+
+// (out, o, stats), out = x + gamma * o^T written by the forward's epilogue in x's (B, C, H, W)
+// layout; x's H and W must step alike (NCHW or channels_last), so positions have one stride.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_residual(const at::Tensor& q, const at::Tensor& k,
+                                                                          const at::Tensor& v, const at::Tensor& x,
+                                                                          const at::Tensor& gamma, bool allow_tf32,
+                                                                          int64_t stream) {
+  auto p = attention_params(q, k, v, allow_tf32);
+  check_same(x, q, "x");
+  check_same(gamma, q, "gamma");
+  TORCH_CHECK(x.dim() == 4 && x.size(0) == p.batch && x.size(1) == p.dv && x.size(2) * x.size(3) == p.n,
+              "x must be (B, dv, H, W) with H W = N");
+  TORCH_CHECK(x.size(2) == 1 || x.stride(2) == x.size(3) * x.stride(3), "x's H and W must share one stride step");
+  TORCH_CHECK(gamma.numel() == 1, "gamma must have one element");
+  auto out = at::empty_like(x);
+  TORCH_CHECK(out.size(2) == 1 || out.stride(2) == out.size(3) * out.stride(3), "x must be dense");
+  auto [o, stats] = forward_outputs(p, q);
+  p.x = {x.data_ptr(), x.stride(0), x.stride(1), x.stride(3)};
+  p.out = {out.data_ptr(), out.stride(0), out.stride(1), out.stride(3)};
+  p.gamma = gamma.data_ptr();
+  check_cuda(sagan_ext::attention_forward(p, as_stream(stream)), "attention_forward_residual");
+  return {out, o, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& d_o, const at::Tensor& q,
+                                                                  const at::Tensor& k, const at::Tensor& v,
+                                                                  const at::Tensor& o, const at::Tensor& stats,
+                                                                  bool allow_tf32, int64_t stream) {
+  auto p = attention_params(q, k, v, allow_tf32);
   check_same(o, q, "o");
   check_same(d_o, q, "grad_o");
-  TORCH_CHECK(o.sizes() == d_o.sizes() && o.size(1) == q.size(1) && o.size(2) == v.size(2), "o / grad_o shape mismatch");
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1), "lse must be (B, N)");
-  auto delta = at::empty_like(lse);
-  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  p.o = o.data_ptr(), p.o_batch_stride = o.stride(0), p.o_row_stride = o.stride(1);
-  p.lse = lse.data_ptr<float>();
-  p.d_o = d_o.data_ptr(), p.delta = delta.data_ptr<float>();
-  p.dq = dq.data_ptr(), p.dk_out = dk.data_ptr(), p.dv_out = dv.data_ptr();
+  TORCH_CHECK(o.dim() == 3 && o.sizes() == d_o.sizes() && o.size(0) == p.batch && o.size(1) == p.n && o.size(2) == p.dv,
+              "o and grad_o must be (B, N, dv)");
+  TORCH_CHECK(stats.is_cuda() && stats.scalar_type() == at::kFloat && stats.is_contiguous() && stats.dim() == 3 &&
+                  stats.size(0) == p.batch && stats.size(1) == 2 && stats.size(2) == p.n,
+              "stats must be a contiguous float32 (B, 2, N) tensor");
+  auto delta = at::empty({p.batch, p.n}, stats.options());
+  auto dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()), dv = at::empty(v.sizes(), v.options());
+  p.o = matrix(o), p.stats = stats.data_ptr<float>();
+  p.d_o = matrix(d_o), p.delta = delta.data_ptr<float>();
+  p.dq = matrix(dq), p.dk_out = matrix(dk), p.dv_out = matrix(dv);
   check_cuda(sagan_ext::attention_backward(p, as_stream(stream)), "attention_backward");
   return {dq, dk, dv};
+}
+
+// Test-only: a (16, K) @ b (K, 8) through one of the PTX wrappers' paths (kernels.h).
+at::Tensor ptx_mma_selftest(const at::Tensor& a, const at::Tensor& b, bool allow_tf32, int64_t variant, int64_t stream) {
+  TORCH_CHECK(a.is_cuda(), "a must be a CUDA tensor");
+  check_same(b, a, "b");
+  const int64_t kk = a.scalar_type() == at::kFloat ? 8 : 16;
+  TORCH_CHECK(a.dim() == 2 && a.size(0) == 16 && a.size(1) == kk && b.dim() == 2 && b.size(0) == kk && b.size(1) == 8,
+              "a must be (16, ", kk, ") and b (", kk, ", 8)");
+  const auto ac = a.contiguous(), bc = b.contiguous();
+  auto d = at::empty({16, 8}, a.options().dtype(at::kFloat));
+  check_cuda(sagan_ext::ptx_mma_selftest(ac.data_ptr(), bc.data_ptr(), d.data_ptr<float>(), dtype_of(a), allow_tf32,
+                                         static_cast<int>(variant), as_stream(stream)),
+             "ptx_mma_selftest");
+  return d;
 }
 
 sagan_ext::SpectralNormParams spectral_norm_params(const at::Tensor& w) {
@@ -138,15 +185,19 @@ at::Tensor spectral_norm_backward(const at::Tensor& g_, const at::Tensor& grad_s
 }  // namespace
 
 TORCH_LIBRARY(sagan_ext_cuda, m) {
-  m.def("attention_forward(Tensor q, Tensor k, Tensor v, int stream) -> (Tensor, Tensor)");
-  m.def("attention_backward(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, int stream) -> (Tensor, Tensor, Tensor)");
+  m.def("attention_forward(Tensor q, Tensor k, Tensor v, bool allow_tf32, int stream) -> (Tensor, Tensor)");
+  m.def("attention_forward_residual(Tensor q, Tensor k, Tensor v, Tensor x, Tensor gamma, bool allow_tf32, int stream) -> (Tensor, Tensor, Tensor)");
+  m.def("attention_backward(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor o, Tensor stats, bool allow_tf32, int stream) -> (Tensor, Tensor, Tensor)");
+  m.def("ptx_mma_selftest(Tensor a, Tensor b, bool allow_tf32, int variant, int stream) -> Tensor");
   m.def("spectral_norm_forward(Tensor w, Tensor u, Tensor v, int iterations, float eps, int stream) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("spectral_norm_backward(Tensor grad, Tensor grad_sigma, Tensor w_sn, Tensor u, Tensor v, Tensor sigma, int stream) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sagan_ext_cuda, CUDA, m) {
   m.impl("attention_forward", &attention_forward);
+  m.impl("attention_forward_residual", &attention_forward_residual);
   m.impl("attention_backward", &attention_backward);
+  m.impl("ptx_mma_selftest", &ptx_mma_selftest);
   m.impl("spectral_norm_forward", &spectral_norm_forward);
   m.impl("spectral_norm_backward", &spectral_norm_backward);
 }

@@ -32,6 +32,30 @@ __device__ __forceinline__ float block_sum(float x, float* shared) {
   return warp_sum(x);
 }
 
+// One batch's slice of a Matrix: element (r, c) through the strides.
+template <typename T>
+struct BatchView {
+  T* p;
+  int64_t row_stride, col_stride;
+  __device__ BatchView(const Matrix& m, int b)
+      : p(static_cast<T*>(m.ptr) + b * m.batch_stride), row_stride(m.row_stride), col_stride(m.col_stride) {}
+  __device__ T* at(int r, int c) const { return p + r * row_stride + c * col_stride; }
+};
+
+// The forward's output element o[b, row, c] = value, and with a residual also
+// out[b, c, row] = x[b, c, row] + gamma * value in x's layout.
+template <typename T>
+__device__ __forceinline__ void store_output(const AttentionParams& p, int b, int row, int c, float value) {
+  store(BatchView<T>(p.o, b).at(row, c), value);
+  if (p.gamma != nullptr) {
+    const float x = load(BatchView<const T>(p.x, b).at(c, row));
+    store(BatchView<T>(p.out, b).at(c, row), fmaf(load(static_cast<const T*>(p.gamma)), value, x));
+  }
+}
+
+// stats[b, 0, row] = m, stats[b, 1, row] = l (CONTRACT: the row max and row sum, kept apart).
+__device__ __forceinline__ float* row_stats(const AttentionParams& p, int b) { return p.stats + static_cast<int64_t>(b) * 2 * p.n; }
+
 // Calls f(T{}) with T the element type of `dtype`.
 template <typename F>
 cudaError_t dispatch_dtype(DType dtype, F&& f) {

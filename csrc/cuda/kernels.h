@@ -14,34 +14,56 @@ enum class DType { kFloat32, kFloat16, kBFloat16 };
 
 constexpr int kMaxQueryKeyDim = 64;  // query/key channels (SAGAN: C/8 for C up to 512)
 
-// Position-major attention core (reference.py): q (B, N, dk), k (B, M, dk), v (B, M, dv),
-// o (B, N, dv); unit stride along channels; lse and delta (B, N) float32, contiguous.
-// Gradients dq, dk, dv have the strides of q, k, v; d_o the strides of o.
-struct AttentionParams {
-  const void* q = nullptr;
-  const void* k = nullptr;
-  const void* v = nullptr;
-  int64_t q_batch_stride = 0, q_row_stride = 0;
-  int64_t k_batch_stride = 0, k_row_stride = 0;
-  int64_t v_batch_stride = 0, v_row_stride = 0;
-  int batch = 0, n = 0, m = 0, dk = 0, dv = 0;
-  DType dtype = DType::kFloat32;
-
-  void* o = nullptr;  // forward output; backward input
-  int64_t o_batch_stride = 0, o_row_stride = 0;
-  float* lse = nullptr;  // forward output (natural log); backward input
-
-  const void* d_o = nullptr;  // backward
-  float* delta = nullptr;     // backward scratch: rowsum(dO * O)
-  void* dq = nullptr;
-  void* dk_out = nullptr;
-  void* dv_out = nullptr;
+// One (B, rows, cols) operand of the attention core, strides in elements. q, k, v and dO arrive as
+// channel-major views of the projection GEMM's output (row_stride 1: positions contiguous) or
+// position-major (col_stride 1), or any other strides; the kernels read them through the strides,
+// never through a copy.
+struct Matrix {
+  void* ptr = nullptr;
+  int64_t batch_stride = 0, row_stride = 0, col_stride = 0;
 };
 
-// o = softmax(q k^T) v with unscaled scores, online softmax in float32, lse saved.
+// The attention core of reference.py: q (B, N, dk), k (B, M, dk), v (B, M, dv) -> o (B, N, dv) and
+// stats (B, 2, N) float32, contiguous: stats[:, 0] the row max m of the unscaled scores q k^T,
+// stats[:, 1] the row sum l of exp(s - m). The backward recomputes p = exp(s - m) / l with the
+// forward's own score arithmetic.
+struct AttentionParams {
+  Matrix q, k, v;
+  int batch = 0, n = 0, m = 0, dk = 0, dv = 0;
+  DType dtype = DType::kFloat32;
+  bool tf32 = false;  // float32 on tensor cores (TF32 operands); otherwise float32 runs the FFMA kernels
+
+  Matrix o;              // forward output; backward input
+  float* stats = nullptr;  // forward output; backward input
+
+  // Forward, optional: out = x + gamma * o^T written in x's layout, x and out (B, dv, N) with
+  // (batch, channel, position) strides; gamma one element of the input dtype.
+  Matrix x, out;
+  const void* gamma = nullptr;
+
+  Matrix d_o;               // backward input (B, N, dv)
+  float* delta = nullptr;   // backward scratch (B, N): rowsum(dO * O)
+  Matrix dq, dk_out, dv_out;  // backward outputs, shaped like q, k, v
+};
+
 cudaError_t attention_forward(const AttentionParams& p, cudaStream_t stream);
-// FlashAttention-2 style: delta = rowsum(dO * O), then dV, dK and dQ, recomputing p from lse.
 cudaError_t attention_backward(const AttentionParams& p, cudaStream_t stream);
+
+// Tensor-core kernels (attention_mma.cu): fp16/bf16, and fp32 with p.tf32. attention_forward and
+// attention_backward route there; these are what they call.
+cudaError_t attention_forward_mma(const AttentionParams& p, cudaStream_t stream);
+cudaError_t attention_backward_mma(const AttentionParams& p, cudaStream_t stream);
+// rowsum(dO * O) into p.delta (shared by both backward paths).
+cudaError_t attention_delta(const AttentionParams& p, cudaStream_t stream);
+
+// Test-only (tests/test_gpu.py): d = a b through one PTX wrapper, so that a GPU run checks each
+// wrapper's fragment layout directly. a (16, K) and b (K, 8) row-major in the dtype the wrapper
+// takes (K = 16 for f16/bf16, 8 for tf32), d (16, 8) float32. `variant` picks the wrapper path,
+// through the kernels' own fragment loaders: 0 A by ldmatrix x4, B by x2.trans (both staged by
+// cp.async); 1 A by x4.trans, B by x2 (staged transposed); 2 A packed from registers (cvt f16x2 /
+// bf16x2), B by x1.trans; 3 as 2 with B by x1. tf32 (scalar fragments, cvt.rna) takes 0 and 1.
+cudaError_t ptx_mma_selftest(const void* a, const void* b, float* d, DType dtype, bool tf32, int variant,
+                             cudaStream_t stream);
 
 // Spectral norm of a (rows, cols) matrix w (unit column stride), u (rows) and v (cols) float32.
 struct SpectralNormParams {
