@@ -21,7 +21,9 @@ if os.environ.get("SAGAN_EXT_BUILD_EXTENSIONS") == "1":
         ext_modules.append(CUDAExtension(
             "sagan_ext._C_cuda", cuda_sources, include_dirs=[str(cuda_dir)],
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-gencode=arch=compute_80,code=sm_80",
-                                                         "-gencode=arch=compute_90,code=sm_90"]}))
+                                                         "-gencode=arch=compute_90,code=sm_90",
+                                                         # PTX too, which newer GPUs compile at load
+                                                         "-gencode=arch=compute_90,code=compute_90"]}))
     cmdclass = {"build_ext": BuildExtension}
 
 setup(

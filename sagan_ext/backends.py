@@ -109,8 +109,9 @@ class CudaBackend(Backend):
     that takes them). Attention: fp16 and bf16 on tensor cores (mma.sync m16n8k16, fp32
     accumulation); fp32 on tensor cores as TF32 (m16n8k8) when
     torch.backends.cuda.matmul.allow_tf32 is set, else on CUDA cores (FFMA, full fp32). The
-    paper variant's residual x + gamma * o is written by the forward's epilogue. Spectral norm in
-    one cooperative launch each way."""
+    paper variant's residual x + gamma * o is written by the forward's epilogue. The tensor cores
+    need sm_80+: on older GPUs fp16/bf16 are refused (auto moves on to triton) and fp32 runs on
+    FFMA. Spectral norm in one cooperative launch each way."""
 
     name, devices = "cuda", ("cuda",)
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
@@ -119,13 +120,22 @@ class CudaBackend(Backend):
     def unavailable(self):
         return _build.load("cuda")
 
+    def refusal(self, device, dtype):
+        reason = super().refusal(device, dtype)
+        if reason is None and dtype != torch.float32 and not self._tensor_cores(device):
+            return f"{dtype} runs on tensor cores (mma.sync), which need sm_80 or newer"
+        return reason
+
+    @staticmethod
+    def _tensor_cores(device):
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+
     @staticmethod
     def _stream(t):
         return torch.cuda.current_stream(t.device).cuda_stream
 
-    @staticmethod
-    def _tf32(t):
-        return t.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    def _tf32(self, t):
+        return t.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and self._tensor_cores(t.device)
 
     def _fallback(self, q):
         for name in ("triton", "reference"):

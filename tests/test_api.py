@@ -78,6 +78,23 @@ def test_available_backends_explain_themselves():
     assert select("auto", torch.device("cpu"), torch.float32).name == "cpu"
 
 
+@pytest.mark.parametrize("capability, fp16_refused, tf32", [((7, 5), True, False), ((8, 0), False, True),
+                                                       ((9, 0), False, True)])
+def test_cuda_backend_keeps_tensor_core_paths_to_sm80(monkeypatch, capability, fp16_refused, tf32):
+    # The mma.sync kernels need sm_80: on a T4 or V100 fp16/bf16 must go to the next backend, and
+    # fp32 to the FFMA kernels even with TF32 allowed. (Dispatch only: no GPU here.)
+    cuda = sagan_ext.backends.BACKENDS["cuda"]
+    monkeypatch.setattr(type(cuda), "unavailable", lambda self: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    device = torch.device("cuda", 0)
+    for dtype in (torch.float16, torch.bfloat16):
+        reason = cuda.refusal(device, dtype)
+        assert (reason is not None and "sm_80" in reason) == fp16_refused, reason
+    assert cuda.refusal(device, torch.float32) is None
+    assert cuda._tf32(torch.empty(0, device="meta")) is tf32
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("variant", ["sagan", "biggan"])
 def test_opcheck_attention(backend, variant):

@@ -30,6 +30,15 @@
 #include "common.cuh"
 #include "ptx.cuh"
 
+// The tensor-core kernels need sm_80 (mma.m16n8k16, bf16, cp.async). Compiled for an older GPU (a
+// JIT build on a V100 or T4, which builds for the GPU at hand) their bodies become a trap, so that
+// the FFMA attention and the spectral norm still build there; CudaBackend never launches them there.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define SAGAN_EXT_TENSOR_CORES 1
+#else
+#define SAGAN_EXT_TENSOR_CORES 0
+#endif
+
 namespace sagan_ext {
 namespace {
 
@@ -300,6 +309,7 @@ constexpr int forward_smem() {
 
 template <typename T, int DK>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) attention_forward_mma_kernel(AttentionParams p) {
+#if SAGAN_EXT_TENSOR_CORES
   constexpr int kK = Mma<T>::kK;
   extern __shared__ __align__(16) unsigned char smem[];
   T* const q_s = reinterpret_cast<T*>(smem);
@@ -397,6 +407,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) attention_forward_mma_ke
       if (row < p.n) row_stats(p, b)[row] = m_run[h], row_stats(p, b)[p.n + row] = l_run[h];
     }
   }
+#else
+  __trap();
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -411,6 +424,7 @@ constexpr int dq_smem() {
 
 template <typename T, int DK>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) attention_dq_mma_kernel(AttentionParams p) {
+#if SAGAN_EXT_TENSOR_CORES
   constexpr int kK = Mma<T>::kK;
   extern __shared__ __align__(16) unsigned char smem[];
   T* const q_s = reinterpret_cast<T*>(smem);
@@ -454,6 +468,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) attention_dq_mma_kernel(
     }
   }
   store_accumulator(BatchView<T>(p.dq, b), dq, row0 + 16 * warp, p.n, 0, p.dk);
+#else
+  __trap();
+#endif
 }
 
 // Writes a warp's 16 x 64 accumulator (rows 16 warp.., as T) into a (query, key) shared tile, so
@@ -480,6 +497,7 @@ constexpr int dk_smem() {
 
 template <typename T, int DK>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) attention_dk_mma_kernel(AttentionParams p) {
+#if SAGAN_EXT_TENSOR_CORES
   constexpr int kK = Mma<T>::kK;
   extern __shared__ __align__(16) unsigned char smem[];
   T* const k_s = reinterpret_cast<T*>(smem);
@@ -524,6 +542,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) attention_dk_mma_kernel(
     }
   }
   store_accumulator(BatchView<T>(p.dk_out, b), dk, j0 + 16 * warp, p.m, 0, p.dk);
+#else
+  __trap();
+#endif
 }
 
 // dV for 64 keys and a kDvTile slice of the value dim: dV += P^T dO, P shared as dS is above.
@@ -535,6 +556,7 @@ constexpr int dv_smem() {
 
 template <typename T, int DK>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) attention_dv_mma_kernel(AttentionParams p) {
+#if SAGAN_EXT_TENSOR_CORES
   constexpr int kK = Mma<T>::kK;
   extern __shared__ __align__(16) unsigned char smem[];
   T* const k_s = reinterpret_cast<T*>(smem);
@@ -573,6 +595,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) attention_dv_mma_kernel(
     }
   }
   store_accumulator(BatchView<T>(p.dv_out, b), dv, j0 + 16 * warp, p.m, c0, p.dv);
+#else
+  __trap();
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -609,6 +634,7 @@ cudaError_t dispatch_mma(const AttentionParams& p, F&& f) {
 
 template <typename T>
 __global__ void __launch_bounds__(32) ptx_mma_selftest_kernel(const T* a, const T* b, float* d, int variant) {
+#if SAGAN_EXT_TENSOR_CORES
   constexpr int kK = Mma<T>::kK, kPad = pad_elems(sizeof(T));
   __shared__ __align__(16) T a_s[16 * (16 + 8)];  // either orientation of A (16 x kK) or B (kK x 8)
   __shared__ __align__(16) T b_s[16 * (16 + 8)];
@@ -654,6 +680,9 @@ __global__ void __launch_bounds__(32) ptx_mma_selftest_kernel(const T* a, const 
   float c[4] = {0.f, 0.f, 0.f, 0.f};
   Mma<T>::run(c, af, bf);
   d[g * 8 + 2 * t] = c[0], d[g * 8 + 2 * t + 1] = c[1], d[(g + 8) * 8 + 2 * t] = c[2], d[(g + 8) * 8 + 2 * t + 1] = c[3];
+#else
+  __trap();
+#endif
 }
 
 }  // namespace
