@@ -23,10 +23,12 @@ def self_attention(
                   (("query_weight", query_weight), ("key_weight", key_weight), ("value_weight", value_weight)))
     wo = None if out_weight is None else _checks.as_matrix("out_weight", out_weight)
     if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
-        # under autocast the op runs in autocast's dtype, as a matmul would (fp32 weights meet bf16 x)
+        # autocast's rule for a matmul: floating tensors of its device go to its dtype, float64
+        # ones stay (fp32 weights meet bf16 x; a float64 block stays float64)
         dtype = torch.get_autocast_dtype(x.device.type)
         x, wq, wk, wv, gamma, query_bias, key_bias, value_bias, wo = (
-            t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+            t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+            and t.device.type == x.device.type else t
             for t in (x, wq, wk, wv, gamma, query_bias, key_bias, value_bias, wo))
     _checks.check_attention(x, wq, query_bias, wk, key_bias, wv, value_bias, wo, gamma, pool)
     out, _, _ = ops.attention_forward(x, wq, query_bias, wk, key_bias, wv, value_bias, wo, gamma, pool, backend)

@@ -1,10 +1,13 @@
 """Backends: the kernels behind the public operators. Each says what it supports; `select` picks
 one for an input and, when none fits, says why each was refused.
 
-A backend implements four kernels on position-major tensors (see reference.py):
-  attention_forward(q, k, v) -> (o, lse)
-    [optional: attention_forward_residual(q, k, v, x, gamma) -> (x + gamma * o in x's layout, o, lse)]
-  attention_backward(do, q, k, v, o, lse) -> (dq, dk, dv)
+A backend implements four kernels; q (B, N, dk), k (B, M, dk), v (B, M, dv), do (B, N, dv) arrive
+as strided views (channel-major from ops.py's projection GEMM, position-major from other callers):
+  attention_forward(q, k, v) -> (o, stats)
+    [optional: attention_forward_residual(q, k, v, x, gamma) -> (x + gamma * o in x's layout, o, stats)]
+  attention_backward(do, q, k, v, o, stats) -> (dq, dk, dv)
+stats (B, 2, N), contiguous, in the accumulation dtype: each row's max score m and its sum
+l = sum_j exp(s_j - m) (reference.attention_core says why not the log-sum-exp).
   spectral_norm_forward(w, u, v, iterations, eps) -> (w / sigma, sigma)   # w is (h, w); u, v updated in place
   spectral_norm_backward(g, grad_sigma, w_sn, u, v, sigma) -> dw
 Everything around them (projections, pooling, residual, weight views) is shared, in ops.py.
@@ -68,11 +71,11 @@ class CpuBackend(Backend):
         return [t if t.dtype in (torch.float32, torch.float64) else t.float() for t in tensors]
 
     def attention_forward(self, q, k, v):
-        o, lse = torch.ops.sagan_ext_cpu.attention_forward(*self._native(q, k, v))
-        return o.to(q.dtype), lse
+        o, stats = torch.ops.sagan_ext_cpu.attention_forward(*self._native(q, k, v))
+        return o.to(q.dtype), stats
 
-    def attention_backward(self, do, q, k, v, o, lse):
-        grads = torch.ops.sagan_ext_cpu.attention_backward(*self._native(do, q, k, v, o), lse)
+    def attention_backward(self, do, q, k, v, o, stats):
+        grads = torch.ops.sagan_ext_cpu.attention_backward(*self._native(do, q, k, v, o), stats)
         return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
 
     def spectral_norm_forward(self, w, u, v, iterations, eps):
@@ -89,6 +92,16 @@ class CpuBackend(Backend):
         dw = torch.ops.sagan_ext_cpu.spectral_norm_backward(
             g, grad_sigma.to(w_sn.dtype), w_sn, u.to(w_sn.dtype), v.to(w_sn.dtype), sigma.to(w_sn.dtype))
         return dw.to(dtype)
+
+
+def _stats_from_lse(lse):
+    """(m, l) = (lse, 1) describes the same p = exp(s - lse), for kernels that still save a log-sum-exp
+    (and so keep its rounding of ulp(lse) in every recomputed p); being replaced by kernels that save m and l."""
+    return torch.stack([lse, torch.ones_like(lse)], dim=1)
+
+
+def _lse_from_stats(stats):
+    return (stats[:, 0] + torch.log(stats[:, 1])).contiguous()
 
 
 class CudaBackend(Backend):
@@ -118,13 +131,14 @@ class CudaBackend(Backend):
         if q.shape[-1] > self.max_query_key_dim:
             return self._fallback(q).attention_forward(q, k, v)
         with torch.cuda.device(q.device):
-            return torch.ops.sagan_ext_cuda.attention_forward(q, k, v, self._stream(q))
+            o, lse = torch.ops.sagan_ext_cuda.attention_forward(q, k, v, self._stream(q))
+        return o, _stats_from_lse(lse)
 
-    def attention_backward(self, do, q, k, v, o, lse):
+    def attention_backward(self, do, q, k, v, o, stats):
         if q.shape[-1] > self.max_query_key_dim:
-            return self._fallback(q).attention_backward(do, q, k, v, o, lse)
+            return self._fallback(q).attention_backward(do, q, k, v, o, stats)
         with torch.cuda.device(q.device):
-            return torch.ops.sagan_ext_cuda.attention_backward(do, q, k, v, o, lse, self._stream(q))
+            return torch.ops.sagan_ext_cuda.attention_backward(do, q, k, v, o, _lse_from_stats(stats), self._stream(q))
 
     def spectral_norm_forward(self, w, u, v, iterations, eps):
         with torch.cuda.device(w.device):

@@ -1,12 +1,13 @@
 """Datasets for the trainer, held in memory as uint8 (N, C, S, S) images and int64 labels:
 the embedded digits (scikit-learn's bundled 1,797 handwritten 8 x 8 digits, no download), an image
-folder with one sub-folder per class, an .npz file, and CIFAR-10's python batches. Also the batch
+folder with one sub-folder per class (unreadable files skipped and listed; 16-bit, 32-bit and float
+images scaled, not clipped), an .npz file, and CIFAR-10's python batches. Also the batch
 order: a function of (seed, step, rank) alone, so a resumed or data-parallel run sees exactly the
 batches an uninterrupted single run would."""
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ class ImageDataset:
     labels: Tensor  # int64 (N,), all zero when unlabelled
     num_classes: int  # 0: unconditional
     class_names: list[str]
+    skipped: list[str] = field(default_factory=list)  # unreadable files left out, as 'path: why'
 
     @property
     def channels(self) -> int:
@@ -68,7 +70,29 @@ def load_digits(image_size: int) -> ImageDataset:
     return ImageDataset("digits", _resize(images, image_size), labels, 10, [str(i) for i in range(10)])
 
 
+def _pixels(image) -> np.ndarray:
+    """A PIL image -> float32 (H, W, 3) in [0, 1]. 8-bit modes go through convert("RGB"); that would
+    clip higher bit depths to white, so single-channel 16-bit (I;16), 32-bit integer (I) and float
+    (F) images are scaled here: I;16 by 65535; I by the smallest bit depth (8, 16 or 31 bits) that
+    holds its largest value, or by its range if it has negative values; F kept if it lies in
+    [0, 1], else scaled by its range."""
+    if image.mode.startswith("I;16"):
+        gray = np.asarray(image, dtype=np.float64) / 65535.0
+    elif image.mode in ("I", "F"):
+        gray = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        low, high = gray.min(), gray.max()
+        if image.mode == "I" and low >= 0:
+            gray = gray / next(depth for depth in (255.0, 65535.0, 2.0 ** 31 - 1) if high <= depth)
+        elif image.mode == "I" or low < 0 or high > 1:
+            gray = (gray - low) / (high - low) if high > low else np.zeros_like(gray)
+    else:
+        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return np.repeat(gray.astype(np.float32)[:, :, None], 3, axis=2)
+
+
 def load_folder(root: Path, image_size: int) -> ImageDataset:
+    """Unreadable image files (truncated, empty, not an image) are skipped and listed in the
+    dataset's `skipped`, each as 'path: why'."""
     try:
         from PIL import Image
     except ImportError as e:
@@ -76,19 +100,26 @@ def load_folder(root: Path, image_size: int) -> ImageDataset:
     classes = sorted(p for p in root.iterdir() if p.is_dir())
     if not classes:
         raise DatasetError(f"folder {root} has no sub-folders; expected one sub-folder of images per class")
-    images, labels = [], []
+    images, labels, skipped = [], [], []
     for label, folder in enumerate(classes):
         for path in sorted(folder.rglob("*")):
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
-            with Image.open(path) as im:
-                array = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+            try:
+                with Image.open(path) as im:
+                    array = _pixels(im)
+            except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, ... for bad files
+                skipped.append(f"{path}: {type(e).__name__}: {e}")
+                continue
             images.append(_resize(torch.from_numpy(array).permute(2, 0, 1)[None], image_size))
             labels.append(label)
     if not images:
-        raise DatasetError(f"folder {root}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in its sub-folders")
+        detail = f" ({len(skipped)} unreadable, e.g. {skipped[0]})" if skipped else ""
+        raise DatasetError(f"folder {root}: no readable images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in its "
+                           f"sub-folders{detail}")
     num_classes = len(classes) if len(classes) > 1 else 0
-    return ImageDataset(root.name, torch.cat(images), torch.tensor(labels), num_classes, [p.name for p in classes])
+    return ImageDataset(root.name, torch.cat(images), torch.tensor(labels), num_classes, [p.name for p in classes],
+                        skipped)
 
 
 def _images_from_array(array: np.ndarray, image_size: int, source: str) -> Tensor:

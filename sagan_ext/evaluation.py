@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import ImageDataset, to_float, to_uint8
+from .files import write_atomically
 
 FEATURE_SIZE = 32  # the classifier sees every dataset at 32 x 32
 
@@ -46,7 +47,8 @@ def train_classifier(dataset: ImageDataset, device: torch.device, seed: int = 0,
     if dataset.num_classes < 2:
         return model.eval(), float("nan")
     order = torch.randperm(len(dataset), generator=generator)
-    held_out, train = order[: len(order) // 10], order[len(order) // 10:]
+    held = max(len(order) // 10, 1)  # at least one image, or a tiny dataset has no accuracy to report
+    held_out, train = order[:held], order[held:]
     images = to_float(dataset.images).to(device)
     images = F.interpolate(images, size=(FEATURE_SIZE, FEATURE_SIZE), mode="bilinear",
                            antialias=images.shape[-1] > FEATURE_SIZE, align_corners=False)
@@ -78,9 +80,7 @@ def load_or_train_classifier(path: Path, dataset: ImageDataset, device: torch.de
         model.load_state_dict(state["model"])
         return model.eval(), state["accuracy"]
     model, accuracy = train_classifier(dataset, device, seed)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "accuracy": accuracy}, tmp)
-    tmp.replace(path)
+    write_atomically(path, lambda f: torch.save({"model": model.state_dict(), "accuracy": accuracy}, f))
     return model, accuracy
 
 
@@ -140,12 +140,11 @@ def grid(images: Tensor, rows: int) -> Tensor:
 
 
 def save_png(image: Tensor, path: Path) -> None:
-    """uint8 (C, H, W) -> PNG (written then renamed, so a reader never sees half a file)."""
+    """uint8 (C, H, W) -> PNG, replaced atomically (a reader never sees half a file)."""
     from PIL import Image
     array = image.permute(1, 2, 0).numpy()
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(tmp, format="PNG")
-    tmp.replace(path)
+    picture = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    write_atomically(path, lambda f: picture.save(f, format="PNG"))
 
 
 QUERY_POINTS = ((0.3, 0.3), (0.5, 0.65), (0.7, 0.4))  # (row, col) as fractions of the map

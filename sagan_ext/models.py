@@ -8,8 +8,10 @@ and state dicts, so one checkpoint runs on either."""
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.nn.functional import all_reduce
 
 from .attention import EagerSelfAttention, FusedSelfAttention
 from .spectral_norm import spectral_norm as fused_spectral_norm
@@ -46,6 +48,45 @@ class ConditionalBatchNorm2d(nn.Module):
         if not hasattr(self, "gain"):
             return x
         return x * self.gain(y)[:, :, None, None] + self.bias(y)[:, :, None, None]
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training-mode statistics are the global batch's across the processes of
+    the default process group (BigGAN's cross-replica BN; torch.nn.SyncBatchNorm runs on GPUs
+    only). The per-channel sums go through an autograd all-reduce, so the output, the gradients
+    and the running statistics are those of one process holding the whole batch. In eval mode
+    or without a process group it is BatchNorm2d; the state dict is BatchNorm2d's."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        dims = (0, 2, 3)
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # statistics in float32 at least
+        local = torch.cat([xf.sum(dims), xf.new_full((1,), x.numel() // x.shape[1])])  # sums, values per channel
+        total = all_reduce(local)
+        count = total[-1]
+        mean = total[:-1] / count
+        centred = xf - mean[:, None, None]
+        var = all_reduce(centred.square().sum(dims)) / count  # two passes: no E[x^2] - mean^2 cancellation
+        y = centred * torch.rsqrt(var + self.eps)[:, None, None]
+        if self.affine:
+            y = y * self.weight[:, None, None] + self.bias[:, None, None]
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+                self.running_var.lerp_((var * count / (count - 1)).to(self.running_var.dtype), factor)  # unbiased
+        return y.to(x.dtype)
+
+
+def sync_batch_norm(model: nn.Module) -> nn.Module:
+    """Make every BatchNorm2d of `model` a SyncBatchNorm2d, in place (the same objects, re-classed:
+    parameters, buffers and state dict unchanged)."""
+    for m in model.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = SyncBatchNorm2d
+    return model
 
 
 class GBlock(nn.Module):

@@ -51,17 +51,18 @@ def attention_forward(
     x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
     wv: Tensor, bv: Optional[Tensor], wo: Optional[Tensor], gamma: Tensor, pool: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (out, o, lse): out = x + gamma * Wo(o); o (B, N, dv) and lse (B, N) for the backward."""
+    """Returns (out, o, stats): out = x + gamma * Wo(o); o (B, N, dv) and the row statistics stats
+    (B, 2, N: each row's max score and exp-sum, see reference.attention_core) for the backward."""
     kernels = select(backend, x.device, x.dtype)
     q, k, v, _, _ = _projections(x, wq, bq, wk, bk, wv, bv, pool)
     h, w = x.shape[-2:]
     if wo is None and hasattr(kernels, "attention_forward_residual") and (h == 1 or x.stride(2) == w * x.stride(3)):
         return kernels.attention_forward_residual(q, k, v, x, gamma)  # the residual in the kernel's epilogue
-    o, lse = kernels.attention_forward(q, k, v)
+    o, stats = kernels.attention_forward(q, k, v)
     y = o.transpose(1, 2) if wo is None else torch.matmul(wo, o.transpose(1, 2))  # (B, C, N)
     out = torch.empty_like(x)
     torch.addcmul(x, gamma.reshape(()), y.reshape(x.shape), out=out)
-    return out, o, lse
+    return out, o, stats
 
 
 @attention_forward.register_fake
@@ -69,13 +70,13 @@ def _(x, wq, bq, wk, bk, wv, bv, wo, gamma, pool, backend):
     b, _, h, w = x.shape
     n = h * w
     return (torch.empty_like(x), x.new_empty((b, n, wv.shape[0])),
-            x.new_empty((b, n), dtype=reference.accumulation_dtype(x.dtype)))
+            x.new_empty((b, 2, n), dtype=reference.accumulation_dtype(x.dtype)))
 
 
 @torch.library.custom_op("sagan_ext::attention_backward", mutates_args=())
 def attention_backward(
     grad_out: Tensor, x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
-    wv: Tensor, bv: Optional[Tensor], wo: Optional[Tensor], gamma: Tensor, o: Tensor, lse: Tensor,
+    wv: Tensor, bv: Optional[Tensor], wo: Optional[Tensor], gamma: Tensor, o: Tensor, stats: Tensor,
     pool: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dgamma); an absent input gets an empty tensor."""
@@ -92,7 +93,7 @@ def attention_backward(
     dgamma = (g_o.to(acc) * o.transpose(1, 2).to(acc)).sum().reshape(gamma.shape).to(gamma.dtype)
     do = (g_o * gamma.reshape(()).to(g_o.dtype)).transpose(1, 2)  # (B, N, dv), channel-major
     dwo = x.new_empty(0) if wo is None else torch.matmul(gc, o).sum(0) * gamma.reshape(()).to(x.dtype)
-    dq, dk, dv = kernels.attention_backward(do, q, k, v, o, lse)  # position-major
+    dq, dk, dv = kernels.attention_backward(do, q, k, v, o, stats)
     if pool:  # unpool dK and dV together through the forward's indices
         dkv = torch.cat([dk, dv], dim=-1).transpose(1, 2).unflatten(2, indices.shape[-2:])
         dkv = F.max_unpool2d(dkv, indices, kernel_size=2, output_size=(h, w)).flatten(2)
@@ -110,7 +111,7 @@ def attention_backward(
 
 
 @attention_backward.register_fake
-def _(grad_out, x, wq, bq, wk, bk, wv, bv, wo, gamma, o, lse, pool, backend):
+def _(grad_out, x, wq, bq, wk, bk, wv, bv, wo, gamma, o, stats, pool, backend):
     like = lambda t: x.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
     return (torch.empty_like(x), like(wq), like(bq), like(wk), like(bk), like(wv), like(bv), like(wo),
             torch.empty_like(gamma))
@@ -118,13 +119,13 @@ def _(grad_out, x, wq, bq, wk, bk, wv, bv, wo, gamma, o, lse, pool, backend):
 
 def _attention_setup_context(ctx, inputs, output):
     x, wq, bq, wk, bk, wv, bv, wo, gamma, pool, backend = inputs
-    _, o, lse = output
-    ctx.save_for_backward(x, wq, bq, wk, bk, wv, bv, wo, gamma, o, lse)
+    _, o, stats = output
+    ctx.save_for_backward(x, wq, bq, wk, bk, wv, bv, wo, gamma, o, stats)
     ctx.pool, ctx.backend = pool, backend
     ctx.present = [t is not None for t in (bq, bk, bv, wo)]
 
 
-def _attention_autograd(ctx, grad_out, _grad_o, _grad_lse):
+def _attention_autograd(ctx, grad_out, _grad_o, _grad_stats):
     if torch.is_grad_enabled():
         return _attention_double_backward(ctx, grad_out)
     grads = attention_backward(grad_out, *ctx.saved_tensors, ctx.pool, ctx.backend)

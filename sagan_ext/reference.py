@@ -19,24 +19,32 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def attention_core(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """o = softmax(q k^T) v with unscaled scores (as in SAGAN), and the per-row log-sum-exp.
+    """o = softmax(q k^T) v with unscaled scores (as in SAGAN), and the row statistics `stats`
+    (B, 2, N): each row's max score m and its sum l = sum_j exp(s_j - m).
 
-    Materialises the (B, N, M) score map: this is the definition, not a kernel.
+    The backward recomputes p = exp(s - m) / l. Keeping m and l apart (not lse = m + log(l)) is
+    what keeps p accurate for SAGAN's unscaled scores: at |s| ~ 1e5, an fp32 lse rounds by
+    ulp(m) ~ 8e-3, an error that every recomputed p would carry; s - m recomputed with the
+    forward's arithmetic is exact. Materialises the (B, N, M) score map: this is the definition,
+    not a kernel.
     """
     acc = accumulation_dtype(q.dtype)
     s = torch.bmm(q.to(acc), k.to(acc).transpose(1, 2))
-    lse = torch.logsumexp(s, dim=-1)
-    o = torch.bmm(torch.exp(s - lse.unsqueeze(-1)), v.to(acc))
-    return o.to(q.dtype), lse
+    row_max = s.amax(dim=-1, keepdim=True)
+    e = torch.exp(s - row_max)
+    row_sum = e.sum(dim=-1, keepdim=True)
+    o = torch.bmm(e / row_sum, v.to(acc))
+    return o.to(q.dtype), torch.cat([row_max, row_sum], dim=-1).transpose(1, 2).contiguous()
 
 
 def attention_core_backward(
-    grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor
+    grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, stats: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of attention_core for q, k, v, recomputing p from the saved log-sum-exp."""
-    acc = lse.dtype
+    """Gradients of attention_core for q, k, v, recomputing p from the saved row statistics."""
+    acc = stats.dtype
     q_, k_, v_, do = q.to(acc), k.to(acc), v.to(acc), grad_o.to(acc)
-    p = torch.exp(torch.bmm(q_, k_.transpose(1, 2)) - lse.unsqueeze(-1))
+    row_max, row_sum = stats[:, 0].unsqueeze(-1), stats[:, 1].unsqueeze(-1)
+    p = torch.exp(torch.bmm(q_, k_.transpose(1, 2)) - row_max) / row_sum
     delta = (do * o.to(acc)).sum(-1, keepdim=True)  # rowsum(dO * O) = rowsum(P * dP)
     ds = p * (torch.bmm(do, v_.transpose(1, 2)) - delta)
     dq = torch.bmm(ds, k_)

@@ -50,3 +50,26 @@ def positional_block(names, variant, backend):
             kw["x"], kw["wq"], kw["wk"], kw["wv"], kw["gamma"], query_bias=kw.get("bq"), key_bias=kw.get("bk"),
             value_bias=kw.get("bv"), out_weight=kw.get("wo"), pool=variant == "biggan", backend=backend)
     return block
+
+
+def large_logit_errors(backend, variant, x_scale, shape=(2, 16, 9, 7), device="cpu"):
+    """Norm-wise errors against float64 of the fused block and of the eager (reference) block, both
+    in fp32, with x scaled by `x_scale` so that the unscaled scores are huge. Returns
+    {output or gradient: (fused error, eager error)} and the largest |score|."""
+    inputs = attention_inputs(variant, *shape, dtype=torch.float64)
+    with torch.no_grad():
+        inputs["x"].mul_(x_scale)
+    q, k, _ = reference.project(inputs["x"], inputs["wq"], inputs.get("bq"), inputs["wk"], inputs.get("bk"),
+                                inputs["wv"], inputs.get("bv"), False)
+    largest = torch.bmm(q, k.transpose(1, 2)).abs().max().item()
+    exact_out, exact = reference_grads(inputs)
+    low = {n: t.detach().to(device, torch.float32).requires_grad_() for n, t in inputs.items()}
+    fused_out, fused = attention_grads(low, backend)
+    eager_out, eager = reference_grads(low)
+    exact["out"], fused["out"], eager["out"] = exact_out, fused_out, eager_out
+
+    def error(actual, name):
+        # d(key bias) is 0 in exact arithmetic: its noise is measured against d(query bias)
+        scale = exact["bq"].norm() if name == "bk" else exact[name].norm().clamp_min(1e-30)
+        return ((actual.detach().cpu().double() - exact[name]).norm() / scale).item()
+    return {n: (error(fused[n], n), error(eager[n], n)) for n in exact}, largest

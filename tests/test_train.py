@@ -3,6 +3,7 @@ NaN handling, bad arguments, the gradient penalty against the eager model, data 
 import csv
 import os
 import pickle
+import re
 import shutil
 import socket
 import subprocess
@@ -17,16 +18,6 @@ from sagan_ext import data, evaluation, models, train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--ch", "8", "--batch-size", "2", "--eval-samples", "20", "--log-every", "1", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def classifier_file(tmp_path_factory):
-    """The proxy classifier, trained once for the module and copied into each run folder."""
-    digits = data.load_digits(32)
-    model, accuracy = evaluation.train_classifier(digits, torch.device("cpu"), epochs=3)
-    path = tmp_path_factory.mktemp("classifier") / "classifier.pt"
-    torch.save({"model": model.state_dict(), "accuracy": accuracy}, path)
-    return path
 
 
 def run(out: Path, classifier_file: Path, *args: str) -> int:
@@ -119,19 +110,77 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_run_on_gloo(tmp_path, classifier_file):
-    tmp_path.mkdir(exist_ok=True)
-    shutil.copy(classifier_file, tmp_path / "classifier.pt")
+def test_two_process_ddp_run_on_gloo_with_sync_bn_is_the_single_process_run(tmp_path, classifier_file):
+    """2 processes x 2 images with --sync-bn against 1 process x 4: the same noise, labels, real
+    batches, BN statistics and mean-loss gradients, so the same logged losses and weights."""
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    ddp.mkdir()
+    shutil.copy(classifier_file, ddp / "classifier.pt")
+    common = ["--steps", "3", "--checkpoint-every", "3", "--eval-every", "3", "--sync-bn"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "sagan_ext.train", "--out", str(tmp_path), *TINY, "--steps", "3", "--checkpoint-every", "3",
-           "--eval-every", "3"]
+           "-m", "sagan_ext.train", "--out", str(ddp), *TINY, *common]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout + result.stderr
+    assert run(single, classifier_file, *common, "--batch-size", "4") == 0
     # the checkpoint is written after the ranks compared their weights and SN vectors (check_replicas)
-    state = torch.load(tmp_path / "checkpoints" / "step_0000003.pt", weights_only=True)
-    assert state["step"] == 3 and len(metrics(tmp_path)) == 3
+    state = torch.load(ddp / "checkpoints" / "step_0000003.pt", weights_only=True)
+    assert state["step"] == 3 and len(metrics(ddp)) == 3
+    expected = torch.load(single / "checkpoints" / "step_0000003.pt", weights_only=True)
+    for a, b in zip(metrics(ddp), metrics(single)):
+        for key in ("loss_d", "loss_g", "d_real", "d_fake", "gamma/G.attention", "sigma/G.linear"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-6), (a["step"], key)
+    for net in ("G", "D", "G_ema"):
+        for name, value in expected[net].items():
+            if net != "D" and PRE_BN.search(name):
+                continue
+            torch.testing.assert_close(state[net][name], value, rtol=1e-4, atol=1e-5, msg=f"{net}.{name}")
+
+
+# G's conv biases that feed a batch norm (every GBlock conv: conv1 -> bn2, conv2 + shortcut -> the
+# next bn1 or G.bn) have a zero gradient in exact arithmetic, BN removing any per-channel constant;
+# Adam's normalised step turns their rounding noise, which depends on the summation order, into
+# steps of up to lr either way, and the running means follow them. BN takes them out of the output.
+PRE_BN = re.compile(r"blocks\.\d+\.(conv1|conv2|shortcut)\.bias|bn\d?(\.bn)?\.running_mean")
+
+
+def _sync_bn_rank(rank: int, world: int, store: str, inputs: dict, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    bn = models.sync_batch_norm(torch.nn.BatchNorm2d(3).double())
+    bn.load_state_dict(inputs["state"])
+    share = slice(rank * 2, rank * 2 + 2)
+    x = inputs["x"][share].clone().requires_grad_()
+    bn(x * 3 + 1)  # a first step of the running statistics
+    (bn(x) * inputs["dy"][share]).sum().backward()
+    for p in bn.parameters():  # the global batch's gradient: the sum of the ranks' parts
+        torch.distributed.all_reduce(p.grad)
+    torch.save(dict(y=bn.train()(x.detach()), eval_y=bn.eval()(x.detach()), dx=x.grad, dweight=bn.weight.grad,
+                    dbias=bn.bias.grad, state=bn.state_dict()), f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_sync_batch_norm_is_batch_norm_over_the_global_batch(tmp_path):
+    """Two gloo processes with 2 rows each against BatchNorm2d on all 4, in float64: the output,
+    every gradient and the running statistics."""
+    reference = torch.nn.BatchNorm2d(3).double()
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 2), reference.bias.uniform_(-1, 1)
+    inputs = dict(x=torch.randn(4, 3, 5, 7, dtype=torch.float64) * 2 + 0.5, dy=torch.randn(4, 3, 5, 7, dtype=torch.float64),
+                  state={k: v.clone() for k, v in reference.state_dict().items()})
+    torch.multiprocessing.spawn(_sync_bn_rank, (2, str(tmp_path / "store"), inputs, str(tmp_path / "out")), nprocs=2)
+    ranks = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(2)]
+    x = inputs["x"].clone().requires_grad_()
+    reference(x * 3 + 1)
+    (reference(x) * inputs["dy"]).sum().backward()
+    expected = dict(y=reference(x.detach()), eval_y=reference.eval()(x.detach()), dx=x.grad)
+    for key, value in expected.items():
+        torch.testing.assert_close(torch.cat([r[key] for r in ranks]), value, rtol=1e-10, atol=1e-10, msg=key)
+    for r in ranks:
+        torch.testing.assert_close(r["dweight"], reference.weight.grad, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(r["dbias"], reference.bias.grad, rtol=1e-10, atol=1e-10)
+        for name, value in reference.state_dict().items():  # three updates: two above and the y row
+            torch.testing.assert_close(r["state"][name], value, rtol=1e-10, atol=1e-10, msg=name)
 
 
 @pytest.mark.parametrize("args, message", [

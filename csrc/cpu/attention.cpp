@@ -1,8 +1,10 @@
 // Flash-style SAGAN attention on the CPU: o = softmax(q k^T) v with unscaled scores.
 // Forward: each task owns a block of query rows and streams key blocks through an online softmax,
-// so memory is O(block_rows * block_cols) per thread, never N x N; it saves the per-row
-// log-sum-exp. Backward recomputes p from it. Shapes q (B, N, dk), k (B, M, dk), v (B, M, dv),
-// dO and o (B, N, dv), lse (B, N); q, k, v, dO and o may be position-major (channels contiguous)
+// so memory is O(block_rows * block_cols) per thread, never N x N; it saves each row's max m and
+// sum l = sum_j exp(s_j - m) (stats, (B, 2, N)). Backward recomputes p = exp(s - m) / l with the
+// forward's own GEMM calls, so s - m is exact even for huge unscaled scores, where a saved
+// log-sum-exp m + log(l) would carry ulp(m) into every p. Shapes q (B, N, dk), k (B, M, dk),
+// v (B, M, dv), dO and o (B, N, dv); q, k, v, dO and o may be position-major (channels contiguous)
 // or channel-major (positions contiguous: views of NCHW projections), which BLAS reads through
 // its transpose flags, so the caller never copies x or the gradients into another layout.
 #include <ATen/ATen.h>
@@ -55,7 +57,7 @@ Operand<T> rows_of(const View<T>& v, int64_t b, int64_t r0) {
 }
 
 template <typename T>
-void attention_forward_kernel(View<T> q, View<T> k, View<T> v, T* o, T* lse, Sizes s) {
+void attention_forward_kernel(View<T> q, View<T> k, View<T> v, T* o, T* stats, Sizes s) {
   const int64_t row_blocks = (s.n + kBlockRows - 1) / kBlockRows;
   at::parallel_for(0, s.batch * row_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> scores(kBlockRows * kBlockCols), acc(kBlockRows * s.dv);
@@ -96,7 +98,8 @@ void attention_forward_kernel(View<T> q, View<T> k, View<T> v, T* o, T* lse, Siz
         T* orow = o + (b * s.n + i0 + r) * s.dv;
         const T* ar = acc.data() + r * s.dv;
         for (int64_t c = 0; c < s.dv; ++c) orow[c] = ar[c] * inv;
-        lse[b * s.n + i0 + r] = row_max[r] + std::log(row_sum[r]);
+        stats[b * 2 * s.n + i0 + r] = row_max[r];
+        stats[(b * 2 + 1) * s.n + i0 + r] = row_sum[r];
       }
     }
   });
@@ -106,12 +109,13 @@ void attention_forward_kernel(View<T> q, View<T> k, View<T> v, T* o, T* lse, Siz
 // (the caller decides whose buffers those are) and writes the block's dQ.
 template <typename T>
 void attention_backward_rows(View<T> dout, View<T> q, View<T> k, View<T> v, View<T> o,
-                             const T* lse, T* dq, T* dk_acc, T* dv_acc, Sizes s, int64_t b,
+                             const T* stats, T* dq, T* dk_acc, T* dv_acc, Sizes s, int64_t b,
                              int64_t i0, std::vector<T>& p, std::vector<T>& dp,
                              std::vector<T>& delta) {
   const int rows = static_cast<int>(std::min(kBlockRows, s.n - i0));
   const Operand<T> qb = rows_of(q, b, i0), dob = rows_of(dout, b, i0);
-  const T* lseb = lse + b * s.n + i0;
+  const T* row_max = stats + b * 2 * s.n + i0;
+  const T* row_sum = row_max + s.n;
   T* dqb = dq + (b * s.n + i0) * s.dk;
   std::fill(delta.begin(), delta.begin() + rows, T(0));
   for (int64_t c = 0; c < s.dv; ++c)  // delta_i = rowsum(dO_i * O_i) = rowsum(P_i * dP_i)
@@ -124,8 +128,8 @@ void attention_backward_rows(View<T> dout, View<T> q, View<T> k, View<T> v, View
          kBlockCols);
     for (int r = 0; r < rows; ++r) {
       T* pr = p.data() + r * kBlockCols;
-      const T l = lseb[r];
-      for (int c = 0; c < cols; ++c) pr[c] = exp_nonpositive(pr[c] - l);
+      const T mx = row_max[r], inv = T(1) / row_sum[r];
+      for (int c = 0; c < cols; ++c) pr[c] = exp_nonpositive(pr[c] - mx) * inv;
     }
     // dV_j += P^T dO ; dP = dO V_j^T
     gemm(true, dob.transposed, cols, s.dv, rows, T(1), p.data(), kBlockCols, dob.p, dob.ld, T(1),
@@ -148,7 +152,7 @@ void attention_backward_rows(View<T> dout, View<T> q, View<T> k, View<T> v, View
 
 template <typename T>
 void attention_backward_kernel(View<T> dout, View<T> q, View<T> k, View<T> v, View<T> o,
-                               const T* lse, T* dq, T* dk, T* dv, Sizes s) {
+                               const T* stats, T* dq, T* dk, T* dv, Sizes s) {
   const int64_t row_blocks = (s.n + kBlockRows - 1) / kBlockRows;
   const int64_t threads = at::get_num_threads();
   auto scratch = [&] {
@@ -163,7 +167,7 @@ void attention_backward_kernel(View<T> dout, View<T> q, View<T> k, View<T> v, Vi
       auto [p, dp, delta] = scratch();
       for (int64_t b = begin; b < end; ++b)
         for (int64_t i0 = 0; i0 < s.n; i0 += kBlockRows)
-          attention_backward_rows(dout, q, k, v, o, lse, dq, dk + b * s.m * s.dk,
+          attention_backward_rows(dout, q, k, v, o, stats, dq, dk + b * s.m * s.dk,
                                   dv + b * s.m * s.dv, s, b, i0, p, dp, delta);
     });
     return;
@@ -178,7 +182,7 @@ void attention_backward_kernel(View<T> dout, View<T> q, View<T> k, View<T> v, Vi
     T* mine = partial.data() + at::get_thread_num() * (dk_size + dv_size);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / row_blocks, i0 = (task % row_blocks) * kBlockRows;
-      attention_backward_rows(dout, q, k, v, o, lse, dq, mine + b * s.m * s.dk,
+      attention_backward_rows(dout, q, k, v, o, stats, dq, mine + b * s.m * s.dk,
                               mine + dk_size + b * s.m * s.dv, s, b, i0, p, dp, delta);
     }
   });
@@ -217,26 +221,28 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, con
   const Sizes s = sizes_of(q_in, k_in, v_in);
   auto q = blas_ready(q_in), k = blas_ready(k_in), v = blas_ready(v_in);
   auto o = at::empty({s.batch, s.n, s.dv}, q.options());
-  auto lse = at::empty({s.batch, s.n}, q.options());
+  auto stats = at::empty({s.batch, 2, s.n}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sagan_ext_cpu::attention_forward", [&] {
     attention_forward_kernel<scalar_t>(view_of<scalar_t>(q), view_of<scalar_t>(k), view_of<scalar_t>(v),
-                                       o.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), s);
+                                       o.data_ptr<scalar_t>(), stats.data_ptr<scalar_t>(), s);
   });
-  return {o, lse};
+  return {o, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
-    const at::Tensor& v_in, const at::Tensor& o_in, const at::Tensor& lse_in) {
+    const at::Tensor& v_in, const at::Tensor& o_in, const at::Tensor& stats_in) {
   const Sizes s = sizes_of(q_in, k_in, v_in);
   auto q = blas_ready(q_in), k = blas_ready(k_in), v = blas_ready(v_in);
   auto dout = blas_ready(dout_in.to(q.scalar_type())), o = blas_ready(o_in.to(q.scalar_type()));
-  auto lse = lse_in.contiguous().to(q.scalar_type());
+  auto stats = stats_in.contiguous().to(q.scalar_type());
+  TORCH_CHECK(stats.dim() == 3 && stats.size(0) == s.batch && stats.size(1) == 2 && stats.size(2) == s.n,
+              "stats must be (B, 2, N), got ", stats.sizes());
   auto dq = at::empty({s.batch, s.n, s.dk}, q.options()), dk = at::empty({s.batch, s.m, s.dk}, q.options());
   auto dv = at::empty({s.batch, s.m, s.dv}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sagan_ext_cpu::attention_backward", [&] {
     attention_backward_kernel<scalar_t>(view_of<scalar_t>(dout), view_of<scalar_t>(q), view_of<scalar_t>(k),
-                                        view_of<scalar_t>(v), view_of<scalar_t>(o), lse.data_ptr<scalar_t>(),
+                                        view_of<scalar_t>(v), view_of<scalar_t>(o), stats.data_ptr<scalar_t>(),
                                         dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
                                         dv.data_ptr<scalar_t>(), s);
   });
@@ -247,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
 
 TORCH_LIBRARY_FRAGMENT(sagan_ext_cpu, m) {
   m.def("attention_forward(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)");
-  m.def("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse)"
+  m.def("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor o, Tensor stats)"
         " -> (Tensor, Tensor, Tensor)");
 }
 
