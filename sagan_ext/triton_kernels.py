@@ -120,8 +120,9 @@ def _attention_forward(
 #   dS = p (dP - delta)  (delta subtracted by the first dv tile only: dS is linear in dP)
 #   dK += dS^T q         2 BLOCK_M BLOCK_N dk
 #   dQ += dS k           2 BLOCK_M BLOCK_N dk   (fp32 atomics: other key blocks add to the same rows)
-# In all, per (query, key) pair, 4 dv + 6 dk * cdiv(dv, BLOCK_DV) FLOPs (FlashAttention-2: 4 dv +
-# 8 dk with its separate dQ GEMM's s; the previous three-kernel design: 6 dv + 10 dk).
+# In all, per (query, key) pair, 4 dv + 6 dk * cdiv(dv, BLOCK_DV) FLOPs: FlashAttention-2's
+# 4 dv + 6 dk when one tile spans dv (the previous three kernels: 6 dv + 10 dk, dO V^T twice more).
+# benchmarks/blocks.py counts useful FLOPs only (backward 4 dv + 4 dk), whatever the kernel recomputes.
 # dK is summed over the dv tiles with fp32 atomics too; dV tiles are stored directly.
 
 
