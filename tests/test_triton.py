@@ -159,9 +159,9 @@ def test_spectral_norm_gradient_of_sigma():
 def test_opcheck_triton_ops():
     q, k, v = (torch.randn(2, 20, d, device="cuda") for d in (8, 8, 24))
     torch.library.opcheck(torch.ops.sagan_ext_triton.attention_forward, (q, k, v))
-    lse = torch.ops.sagan_ext_triton.attention_forward(q, k, v)[1]
+    stats = torch.ops.sagan_ext_triton.attention_forward(q, k, v)[1]
     o, do = torch.randn(2, 20, 24, device="cuda"), torch.randn(2, 20, 24, device="cuda")
-    torch.library.opcheck(torch.ops.sagan_ext_triton.attention_backward, (do, q, k, v, o, lse))
+    torch.library.opcheck(torch.ops.sagan_ext_triton.attention_backward, (do, q, k, v, o, stats))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "cropped", "one_row"])
