@@ -1,16 +1,24 @@
 """Triton kernels: the "triton" backend's attention core (flash-style forward, FlashAttention-2
-style backward) and spectral norm. Position-major inputs as in reference.py: q (B, N, dk),
-k (B, M, dk), v (B, M, dv), unit stride along channels.
+style backward) and spectral norm, on (B, N, d) tensors read through their strides: q (B, N, dk),
+k (B, M, dk), v (B, M, dv), dO (B, N, dv), channel-major views of the projection GEMM as ops.py
+passes them, or position-major as tests do; no copies.
 
-- Scores are unscaled (SAGAN); the online softmax runs in base 2 on s * log2(e), in float32.
+- Scores are unscaled (SAGAN). The forward keeps, per query row, the running max m of s = q k^T
+  and the sum l of exp(s - m) in float32 and saves both (stats, (B, 2, N)); the backward recomputes
+  s with the same helper on the same (query, key) tile shape and takes exp(s - m) / l, so s - m is
+  exact even at scores of 1e5 (a saved lse = m + log l would carry ulp(m) into every p).
+  Base 2 for speed, subtracting first: exp2((s - m) * log2 e).
 - dk (8..64) is padded to a power of two >= 16 inside the kernel with masks, never in memory.
-- dv (up to 512) is tiled across programs (BLOCK_DV) in the forward and in dV; the cheap q k^T is
-  recomputed per tile instead of holding a 512-wide accumulator.
-- fp32 inputs go through tl.dot as TF32 when torch.backends.cuda.matmul.allow_tf32 is set, else
-  in full precision ("ieee").
-- Block sizes are tl.constexpr, autotuned over a short pruned list on GPUs; under the interpreter
+- dv (up to 512) is tiled across programs (BLOCK_DV) in the forward and the backward; the cheap
+  q k^T (dk <= 64) is recomputed per tile instead of holding a 512-wide accumulator.
+- fp32 inputs go through tl.dot as TF32 when torch.backends.cuda.matmul.allow_tf32 is set, else in
+  full precision ("ieee", FMA: smaller tiles, or the accumulators spill).
+- Block sizes are tl.constexpr, autotuned over short pruned lists on GPUs; under the interpreter
   (TRITON_INTERPRET=1, which runs these kernels exactly on the CPU) one small config is pinned so
   that tests run fast and exercise ragged tails.
+- Every launch is built by one function (_forward_launches, _backward_launches, ...) that returns
+  the kernel, grid and arguments; the ops run them, and tests/triton_compile.py compiles the same
+  launches for sm_80/sm_90 without a GPU.
 
 The kernels are registered as torch.library.triton_op's (sagan_ext_triton::*), which
 torch.compile can trace into.
@@ -18,13 +26,14 @@ torch.compile can trace into.
 from __future__ import annotations
 
 import os
+from typing import Any, Callable, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # a global that compiled kernels read must be a constexpr
 
 
 def interpreting() -> bool:
@@ -32,20 +41,27 @@ def interpreting() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# tiles: rows x channels blocks of a (rows, channels) matrix with unit channel stride
+# tiles: rows x channels blocks of a (rows, channels) matrix, any strides
 
 
 @triton.jit
-def _load_tile(base, rows, cols, row_stride, n_rows, n_cols):
+def _load_tile(base, rows, cols, row_stride, col_stride, n_rows, n_cols):
     """base[rows, cols], zero outside the (n_rows, n_cols) matrix."""
-    return tl.load(base + rows[:, None] * row_stride + cols[None, :],
+    return tl.load(base + rows[:, None] * row_stride + cols[None, :] * col_stride,
                    mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
 
 
 @triton.jit
-def _store_tile(base, rows, cols, row_stride, n_rows, n_cols, value):
-    tl.store(base + rows[:, None] * row_stride + cols[None, :], value.to(base.dtype.element_ty),
+def _store_tile(base, rows, cols, row_stride, col_stride, n_rows, n_cols, value):
+    tl.store(base + rows[:, None] * row_stride + cols[None, :] * col_stride, value.to(base.dtype.element_ty),
              mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+
+
+@triton.jit
+def _scores(q, k, PRECISION: tl.constexpr):
+    """s = q k^T for one (query block, key block) tile: the forward and the backward both call this
+    on [BLOCK_M, DK_PAD] x [BLOCK_N, DK_PAD] tiles, so the backward's s is the forward's."""
+    return tl.dot(q, tl.trans(k), input_precision=PRECISION)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,34 +70,34 @@ def _store_tile(base, rows, cols, row_stride, n_rows, n_cols, value):
 
 @triton.jit
 def _attention_forward(
-    Q, K, V, O, LSE, stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn, stride_ob, stride_on,
-    N, M, DK, DV,
+    Q, K, V, O, STATS, stride_qb, stride_qn, stride_qc, stride_kb, stride_km, stride_kc,
+    stride_vb, stride_vm, stride_vc, N, M, DK, DV,
     X, OUT, GAMMA, stride_xb, stride_xc, stride_xn, stride_outb, stride_outc, stride_outn,  # RESIDUAL: OUT = X + gamma O
     DK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr, RESIDUAL: tl.constexpr,
 ):
+    """O (B, N, DV) contiguous; STATS (B, 2, N): row max m and row sum l = sum exp(s - m)."""
     pid_m, b, pid_dv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dks = tl.arange(0, DK_PAD)
     dvs = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    q = _load_tile(Q + b * stride_qb, rows, dks, stride_qn, N, DK)
+    q = _load_tile(Q + b * stride_qb, rows, dks, stride_qn, stride_qc, N, DK)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for start in range(0, M, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k = _load_tile(K + b * stride_kb, cols, dks, stride_kn, M, DK)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * LOG2E
-        s = tl.where(cols[None, :] < M, s, float("-inf"))
+        k = _load_tile(K + b * stride_kb, cols, dks, stride_km, stride_kc, M, DK)
+        s = tl.where(cols[None, :] < M, _scores(q, k, PRECISION), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2((s - m_new[:, None]) * LOG2E)
+        alpha = tl.exp2((m_i - m_new) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(V + b * stride_vb, cols, dvs, stride_vn, M, DV)
+        v = _load_tile(V + b * stride_vb, cols, dvs, stride_vm, stride_vc, M, DV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
-    _store_tile(O + b * stride_ob, rows, dvs, stride_on, N, DV, acc)
+    _store_tile(O + b * N * DV, rows, dvs, DV, 1, N, DV, acc)
     if RESIDUAL:  # written straight into x's (B, C, H, W) layout: channels dvs, positions rows
         mask = (rows[:, None] < N) & (dvs[None, :] < DV)
         x = tl.load(X + b * stride_xb + dvs[None, :] * stride_xc + rows[:, None] * stride_xn, mask=mask, other=0.0)
@@ -90,118 +106,76 @@ def _attention_forward(
         tl.store(OUT + b * stride_outb + dvs[None, :] * stride_outc + rows[:, None] * stride_outn,
                  out.to(OUT.dtype.element_ty), mask=mask)
     if pid_dv == 0:
-        tl.store(LSE + b * N + rows, (m_i + tl.log2(l_i)) / LOG2E, mask=rows < N)
+        tl.store(STATS + b * 2 * N + rows, m_i, mask=rows < N)
+        tl.store(STATS + b * 2 * N + N + rows, l_i, mask=rows < N)
 
 
 # ---------------------------------------------------------------------------------------------
-# attention backward: delta = rowsum(dO * O); dV per (key block, dv tile); dK per key block; dQ
-# per query block. dK and dQ each recompute p and dP = dO V^T (looping over dv in chunks).
+# attention backward: delta = rowsum(dO * O), then one kernel per (key block, dv tile) that walks
+# the query blocks and computes, per (query block, key block) tile:
+#   s = q k^T            2 BLOCK_M BLOCK_N dk    FLOPs
+#   p = exp(s - m) / l
+#   dV += p^T dO         2 BLOCK_M BLOCK_N BLOCK_DV
+#   dP = dO V^T          2 BLOCK_M BLOCK_N BLOCK_DV   (this dv tile's share; computed once)
+#   dS = p (dP - delta)  (delta subtracted by the first dv tile only: dS is linear in dP)
+#   dK += dS^T q         2 BLOCK_M BLOCK_N dk
+#   dQ += dS k           2 BLOCK_M BLOCK_N dk   (fp32 atomics: other key blocks add to the same rows)
+# In all, per (query, key) pair, 4 dv + 6 dk * cdiv(dv, BLOCK_DV) FLOPs: FlashAttention-2's
+# 4 dv + 6 dk when one tile spans dv (the previous three kernels: 6 dv + 10 dk, dO V^T twice more).
+# benchmarks/blocks.py counts useful FLOPs only (backward 4 dv + 4 dk), whatever the kernel recomputes.
+# dK is summed over the dv tiles with fp32 atomics too; dV tiles are stored directly.
 
 
 @triton.jit
-def _attention_backward_delta(O, DO, DELTA, stride_ob, stride_on, N, DV, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _attention_backward_delta(O, DO, DELTA, stride_dob, stride_don, stride_doc, N, DV,
+                              BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_m, b = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     acc = tl.zeros([BLOCK_M], tl.float32)
     for c in range(0, DV, BLOCK_DV):
         dvs = c + tl.arange(0, BLOCK_DV)
-        offs = b * stride_ob + rows[:, None] * stride_on + dvs[None, :]
-        mask = (rows[:, None] < N) & (dvs[None, :] < DV)
-        o = tl.load(O + offs, mask=mask, other=0.0).to(tl.float32)
-        do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
+        o = _load_tile(O + b * N * DV, rows, dvs, DV, 1, N, DV).to(tl.float32)
+        do = _load_tile(DO + b * stride_dob, rows, dvs, stride_don, stride_doc, N, DV).to(tl.float32)
         acc += tl.sum(o * do, 1)
     tl.store(DELTA + b * N + rows, acc, mask=rows < N)
 
 
 @triton.jit
-def _probabilities(q, k, lse, rows, cols, N, M, PRECISION: tl.constexpr):
-    """p = exp(q k^T - lse) for one (query block, key block) tile, zero outside the matrix."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * LOG2E
-    p = tl.exp2(s - lse[:, None] * LOG2E)
-    return tl.where((rows[:, None] < N) & (cols[None, :] < M), p, 0.0)
-
-
-@triton.jit
-def _attention_backward_dv(
-    Q, K, DO, LSE, DV_OUT, stride_qb, stride_qn, stride_kb, stride_kn, stride_ob, stride_on, stride_vb, stride_vn,
-    N, M, DK, DV,
+def _attention_backward(
+    Q, K, V, DO, STATS, DELTA, DQ, DK_OUT, DV_OUT,
+    stride_qb, stride_qn, stride_qc, stride_kb, stride_km, stride_kc, stride_vb, stride_vm, stride_vc,
+    stride_dob, stride_don, stride_doc, N, M, DK, DV,
     DK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    """DQ (B, N, DK) and DK_OUT (B, M, DK): zeroed float32, added to atomically; DV_OUT (B, M, DV)."""
     pid_n, b, pid_dv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dks = tl.arange(0, DK_PAD)
     dvs = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    k = _load_tile(K + b * stride_kb, cols, dks, stride_kn, M, DK)
-    acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    k = _load_tile(K + b * stride_kb, cols, dks, stride_km, stride_kc, M, DK)
+    v = _load_tile(V + b * stride_vb, cols, dvs, stride_vm, stride_vc, M, DV)
+    dk_acc = tl.zeros([BLOCK_N, DK_PAD], tl.float32)
+    dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for start in range(0, N, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        q = _load_tile(Q + b * stride_qb, rows, dks, stride_qn, N, DK)
-        lse = tl.load(LSE + b * N + rows, mask=rows < N, other=0.0)
-        p = _probabilities(q, k, lse, rows, cols, N, M, PRECISION)
-        do = _load_tile(DO + b * stride_ob, rows, dvs, stride_on, N, DV)
-        acc += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-    _store_tile(DV_OUT + b * stride_vb, cols, dvs, stride_vn, M, DV, acc)
-
-
-@triton.jit
-def _score_gradient(q, k, do_ptrs_base, v_ptrs_base, lse, delta, rows, cols, stride_on, stride_vn, N, M, DV,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-    """dS = p * (dO V^T - delta) for one tile, dO V^T accumulated over dv in BLOCK_DV chunks."""
-    p = _probabilities(q, k, lse, rows, cols, N, M, PRECISION)
-    dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for c in range(0, DV, BLOCK_DV):
-        dvs = c + tl.arange(0, BLOCK_DV)
-        do = _load_tile(do_ptrs_base, rows, dvs, stride_on, N, DV)
-        v = _load_tile(v_ptrs_base, cols, dvs, stride_vn, M, DV)
-        dp += tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    return p * (dp - delta[:, None])
-
-
-@triton.jit
-def _attention_backward_dk(
-    Q, K, V, DO, LSE, DELTA, DK_OUT, stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn,
-    stride_ob, stride_on, N, M, DK, DV,
-    DK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    pid_n, b = tl.program_id(0), tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    dks = tl.arange(0, DK_PAD)
-    k = _load_tile(K + b * stride_kb, cols, dks, stride_kn, M, DK)
-    acc = tl.zeros([BLOCK_N, DK_PAD], tl.float32)
-    for start in range(0, N, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        q = _load_tile(Q + b * stride_qb, rows, dks, stride_qn, N, DK)
-        lse = tl.load(LSE + b * N + rows, mask=rows < N, other=0.0)
+        q = _load_tile(Q + b * stride_qb, rows, dks, stride_qn, stride_qc, N, DK)
+        m = tl.load(STATS + b * 2 * N + rows, mask=rows < N, other=0.0)
+        l = tl.load(STATS + b * 2 * N + N + rows, mask=rows < N, other=1.0)
+        p = tl.exp2((_scores(q, k, PRECISION) - m[:, None]) * LOG2E) / l[:, None]
+        p = tl.where((rows[:, None] < N) & (cols[None, :] < M), p, 0.0)
+        do = _load_tile(DO + b * stride_dob, rows, dvs, stride_don, stride_doc, N, DV)
+        dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         delta = tl.load(DELTA + b * N + rows, mask=rows < N, other=0.0)
-        ds = _score_gradient(q, k, DO + b * stride_ob, V + b * stride_vb, lse, delta, rows, cols, stride_on, stride_vn,
-                             N, M, DV, BLOCK_M, BLOCK_N, BLOCK_DV, PRECISION)
-        acc += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    _store_tile(DK_OUT + b * stride_kb, cols, dks, stride_kn, M, DK, acc)
-
-
-@triton.jit
-def _attention_backward_dq(
-    Q, K, V, DO, LSE, DELTA, DQ_OUT, stride_qb, stride_qn, stride_kb, stride_kn, stride_vb, stride_vn,
-    stride_ob, stride_on, N, M, DK, DV,
-    DK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    pid_m, b = tl.program_id(0), tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dks = tl.arange(0, DK_PAD)
-    q = _load_tile(Q + b * stride_qb, rows, dks, stride_qn, N, DK)
-    lse = tl.load(LSE + b * N + rows, mask=rows < N, other=0.0)
-    delta = tl.load(DELTA + b * N + rows, mask=rows < N, other=0.0)
-    acc = tl.zeros([BLOCK_M, DK_PAD], tl.float32)
-    for start in range(0, M, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        k = _load_tile(K + b * stride_kb, cols, dks, stride_kn, M, DK)
-        ds = _score_gradient(q, k, DO + b * stride_ob, V + b * stride_vb, lse, delta, rows, cols, stride_on, stride_vn,
-                             N, M, DV, BLOCK_M, BLOCK_N, BLOCK_DV, PRECISION)
-        acc += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    _store_tile(DQ_OUT + b * stride_qb, rows, dks, stride_qn, N, DK, acc)
+        ds = p * (dp - tl.where(pid_dv == 0, delta, 0.0)[:, None])
+        dk_acc += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        tl.atomic_add(DQ + b * N * DK + rows[:, None] * DK + dks[None, :], dq,
+                      mask=(rows[:, None] < N) & (dks[None, :] < DK))
+    _store_tile(DV_OUT + b * M * DV, cols, dvs, DV, 1, M, DV, dv_acc)
+    tl.atomic_add(DK_OUT + b * M * DK + cols[:, None] * DK + dks[None, :], dk_acc,
+                  mask=(cols[:, None] < M) & (dks[None, :] < DK))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +192,7 @@ def _transposed_matvec_pass(W, X, Y, H, WD, stride_h, BLOCK_H: tl.constexpr, BLO
         acc = tl.zeros([BLOCK_W], tl.float32)
         for r0 in range(0, H, BLOCK_H):
             rows = r0 + tl.arange(0, BLOCK_H)
-            w = _load_tile(W, rows, cols, stride_h, H, WD).to(tl.float32)
+            w = _load_tile(W, rows, cols, stride_h, 1, H, WD).to(tl.float32)
             acc += tl.sum(w * tl.load(X + rows, mask=rows < H, other=0.0)[:, None], 0)
         tl.store(Y + cols, acc, mask=cols < WD)
         sq += tl.sum(acc * acc, 0)
@@ -235,7 +209,7 @@ def _matvec_pass(W, X, Y, H, WD, stride_h, BLOCK_H: tl.constexpr, BLOCK_W: tl.co
         acc = tl.zeros([BLOCK_H], tl.float32)
         for c0 in range(0, WD, BLOCK_W):
             cols = c0 + tl.arange(0, BLOCK_W)
-            w = _load_tile(W, rows, cols, stride_h, H, WD).to(tl.float32)
+            w = _load_tile(W, rows, cols, stride_h, 1, H, WD).to(tl.float32)
             acc += tl.sum(w * tl.load(X + cols, mask=cols < WD, other=0.0)[None, :], 1)
         tl.store(Y + rows, acc, mask=rows < H)
         sq += tl.sum(acc * acc, 0)
@@ -271,7 +245,7 @@ def _spectral_norm_forward(W, U, V, WSN, SIGMA, H, WD, stride_h, iterations, eps
             acc = tl.zeros([BLOCK_H], tl.float32)
             for c0 in range(0, WD, BLOCK_W):
                 cols = c0 + tl.arange(0, BLOCK_W)
-                w = _load_tile(W, rows, cols, stride_h, H, WD).to(tl.float32)
+                w = _load_tile(W, rows, cols, stride_h, 1, H, WD).to(tl.float32)
                 acc += tl.sum(w * tl.load(V + cols, mask=cols < WD, other=0.0)[None, :], 1)
             sigma += tl.sum(acc * tl.load(U + rows, mask=rows < H, other=0.0), 0)
     tl.store(SIGMA + tl.arange(0, 1), sigma)
@@ -309,42 +283,59 @@ def _spectral_norm_backward_apply(G, U, V, DOT, GRAD_SIGMA, SIGMA, DW, H, WD, BL
 
 
 # ---------------------------------------------------------------------------------------------
-# launch configuration: a short autotuned list on GPUs, one pinned small config when interpreted
+# launch configuration: short autotuned lists on GPUs, one pinned small config when interpreted
 
-
-def _attention_configs() -> list[triton.Config]:
-    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DV=bdv), num_warps=w, num_stages=s)
-            for bm, bn, bdv, w, s in [(64, 64, 64, 4, 2), (128, 64, 64, 4, 3), (128, 64, 128, 8, 3),
-                                      (64, 32, 128, 4, 2), (128, 128, 64, 8, 2), (32, 32, 64, 4, 2)]]
-
-
-def _prune(configs, named_args, **_):
-    """Drop configs whose tiles exceed the problem (they only add masked work)."""
-    n, m, dv = named_args["N"], named_args["M"], named_args["DV"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(n))
-            and c.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(m))
-            and c.kwargs["BLOCK_DV"] <= max(16, triton.next_power_of_2(dv))]
-    return kept or configs[-1:]
-
-
+# (BLOCK_M, BLOCK_N, BLOCK_DV, num_warps, num_stages). Tensor-core dots (fp16, bf16, tf32) keep
+# their operands in shared memory and their accumulators in MMA fragments; fp32 "ieee" dots are
+# FMA loops over register tiles, so their tiles are smaller (64x32 and 64x64 query x key tiles
+# spill up to 13 KB with dk 64 in the channel-major layout). Every config fits both sm_80 and
+# sm_90 in every dtype (tf32 is the largest in shared memory: a 128 x 64 backward tile needs
+# 176 KiB, over sm_80's 163) and spills at most a few hundred bytes: tests/triton_compile.py
+# prints registers, spills and shared memory for each and fails when one does not fit.
+FORWARD_TILES = {
+    "tensor_core": [(64, 64, 64, 4, 2), (128, 64, 64, 8, 3), (128, 64, 128, 8, 2), (64, 32, 128, 4, 2),
+                    (128, 128, 64, 8, 2), (32, 32, 64, 4, 2)],
+    "fma": [(32, 32, 64, 8, 2), (16, 64, 32, 4, 2), (16, 32, 64, 4, 2), (32, 32, 32, 4, 2)],
+}
+BACKWARD_TILES = {
+    "tensor_core": [(64, 64, 64, 4, 2), (32, 64, 64, 4, 2), (64, 32, 128, 4, 2), (32, 32, 64, 4, 2)],
+    "fma": [(32, 32, 32, 8, 1), (16, 32, 32, 4, 1), (32, 16, 32, 4, 1), (16, 16, 32, 4, 1)],
+}
 PINNED = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DV=16)  # interpreter: small tiles, ragged tails everywhere
 _KEY = ["N", "M", "DK_PAD", "DV", "PRECISION"]
 
 
-def _tuned(kernel, key=_KEY):
+def _tile(config) -> tuple[int, int, int, int, int]:
+    kw = config.kwargs
+    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_DV"], config.num_warps, config.num_stages
+
+
+def dot_kind(precision: str) -> str:
+    return "fma" if precision == "ieee" else "tensor_core"
+
+
+def _pruner(tiles: dict):
+    def prune(configs, named_args, **kwargs):
+        """This dot kind's configs, less those whose tiles exceed the problem (they only add masked work)."""
+        own = [c for c in configs if _tile(c) in tiles[dot_kind(kwargs["PRECISION"])]]
+        n, m, dv = named_args["N"], named_args["M"], named_args["DV"]
+        fits = lambda block, size: block <= max(16, triton.next_power_of_2(size))  # noqa: E731
+        kept = [c for c in own if fits(c.kwargs["BLOCK_M"], n) and fits(c.kwargs["BLOCK_N"], m)
+                and fits(c.kwargs["BLOCK_DV"], dv)]
+        return kept or own[-1:]
+    return prune
+
+
+def _tuned(kernel, tiles, key=_KEY):
     if interpreting():
         return kernel
-    return triton.autotune(_attention_configs(), key=key, prune_configs_by={"early_config_prune": _prune})(kernel)
+    configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DV=bdv), num_warps=w, num_stages=s)
+               for kind in tiles.values() for bm, bn, bdv, w, s in kind]
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _pruner(tiles)})(kernel)
 
 
-_forward_kernel = _tuned(_attention_forward, _KEY + ["RESIDUAL"])
-_dv_kernel = _tuned(_attention_backward_dv)
-_dk_kernel = _tuned(_attention_backward_dk)
-_dq_kernel = _tuned(_attention_backward_dq)
-
-
-def _launch_args():
-    return PINNED if interpreting() else {}
+_forward_kernel = _tuned(_attention_forward, FORWARD_TILES, _KEY + ["RESIDUAL"])
+_backward_kernel = _tuned(_attention_backward, BACKWARD_TILES)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -357,87 +348,117 @@ def _dk_pad(dk: int) -> int:
     return max(16, triton.next_power_of_2(dk))
 
 
-def _unit_stride(*tensors: Tensor) -> list[Tensor]:
-    return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
+class Launch(NamedTuple):
+    kernel: Any  # a @triton.jit kernel, or its autotuner
+    grid: Callable | tuple
+    args: tuple
+    kwargs: dict
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, x=None, gamma=None):
-    q, k, v = _unit_stride(q, k, v)
+def _run(launches: list[Launch]) -> None:
+    for kernel, grid, args, kwargs in launches:
+        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def _tuned_args(**constexprs) -> dict:
+    return {**constexprs, **(PINNED if interpreting() else {})}
+
+
+def _strides(t: Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _forward_launches(q: Tensor, k: Tensor, v: Tensor, x=None, gamma=None):
+    """The forward's launches and (out, o, stats); out is x + gamma * o^T in x's layout if x is
+    given, else o."""
     b, n, dk = q.shape
     m, dv = k.shape[1], v.shape[2]
     o = q.new_empty((b, n, dv))
-    lse = q.new_empty((b, n), dtype=torch.float32)
+    stats = q.new_empty((b, 2, n), dtype=torch.float32)
     residual = x is not None
     out = torch.empty_like(x) if residual else o  # x's layout when dense, else contiguous
     # (batch, channel, position) strides; a position steps like W does, as H and W merge (checked by the caller)
-    strides = (x.stride(0), x.stride(1), x.stride(3), out.stride(0), out.stride(1), out.stride(3)) if residual else (0,) * 6
+    xs = (x.stride(0), x.stride(1), x.stride(3), out.stride(0), out.stride(1), out.stride(3)) if residual else (0,) * 6
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b, triton.cdiv(dv, meta["BLOCK_DV"]))  # noqa: E731
-    torch.library.wrap_triton(_forward_kernel)[grid](
-        q, k, v, o, lse, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        o.stride(0), o.stride(1), n, m, dk, dv, x if residual else o, out, gamma if residual else o, *strides,
-        DK_PAD=_dk_pad(dk), PRECISION=_precision(q.dtype), RESIDUAL=residual, **_launch_args())
-    return out, o, lse
+    args = (q, k, v, o, stats, *_strides(q), *_strides(k), *_strides(v), n, m, dk, dv,
+            x if residual else o, out, gamma if residual else o, *xs)
+    kwargs = _tuned_args(DK_PAD=_dk_pad(dk), PRECISION=_precision(q.dtype), RESIDUAL=residual)
+    return [Launch(_forward_kernel, grid, args, kwargs)], (out, o, stats)
+
+
+def _backward_launches(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, stats: Tensor):
+    """The backward's launches and (dq, dk, dv); dq and dk float32."""
+    b, n, dk = q.shape
+    m, dv = k.shape[1], v.shape[2]
+    o = o.contiguous()  # our forward's own output: already contiguous
+    delta = q.new_empty((b, n), dtype=torch.float32)
+    dq = q.new_zeros((b, n, dk), dtype=torch.float32)
+    dk_ = q.new_zeros((b, m, dk), dtype=torch.float32)
+    dv_ = v.new_empty((b, m, dv))
+    launches = [Launch(_attention_backward_delta, (triton.cdiv(n, 64), b),
+                       (o, do, delta, *_strides(do), n, dv), dict(BLOCK_M=64, BLOCK_DV=64))]
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), b, triton.cdiv(dv, meta["BLOCK_DV"]))  # noqa: E731
+    args = (q, k, v, do, stats, delta, dq, dk_, dv_, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+            n, m, dk, dv)
+    launches.append(Launch(_backward_kernel, grid, args, _tuned_args(DK_PAD=_dk_pad(dk), PRECISION=_precision(q.dtype))))
+    return launches, (dq, dk_, dv_)
 
 
 @torch.library.triton_op("sagan_ext_triton::attention_forward", mutates_args=())
 def attention_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    _, o, lse = _forward(q, k, v)
-    return o, lse
+    launches, (_, o, stats) = _forward_launches(q, k, v)
+    _run(launches)
+    return o, stats
 
 
 @torch.library.triton_op("sagan_ext_triton::attention_forward_residual", mutates_args=())
 def attention_forward_residual(q: Tensor, k: Tensor, v: Tensor, x: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(out, o, lse) with out = x + gamma * o written into x's (B, C, H, W) layout by the epilogue;
+    """(out, o, stats) with out = x + gamma * o written into x's (B, C, H, W) layout by the epilogue;
     x's H and W must share one stride step (NCHW or channels_last), v's channels are x's."""
-    return _forward(q, k, v, x, gamma.reshape(1))
+    launches, outputs = _forward_launches(q, k, v, x, gamma.reshape(1))
+    _run(launches)
+    return outputs
 
 
 @torch.library.triton_op("sagan_ext_triton::attention_backward", mutates_args=())
-def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    q, k, v = _unit_stride(q, k, v)
-    do, o = (t.contiguous() for t in (do, o))
-    b, n, dk = q.shape
-    m, dv = k.shape[1], v.shape[2]
-    lse = lse.float().contiguous()
-    delta = torch.empty_like(lse)
-    torch.library.wrap_triton(_attention_backward_delta)[(triton.cdiv(n, 64), b)](
-        o, do, delta, o.stride(0), o.stride(1), n, dv, BLOCK_M=64, BLOCK_DV=64)
-    dq, dk_, dv_ = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    common = dict(DK_PAD=_dk_pad(dk), PRECISION=_precision(q.dtype), **_launch_args())
-    torch.library.wrap_triton(_dv_kernel)[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), b, triton.cdiv(dv, meta["BLOCK_DV"]))](
-        q, k, do, lse, dv_, q.stride(0), q.stride(1), k.stride(0), k.stride(1), do.stride(0), do.stride(1),
-        dv_.stride(0), dv_.stride(1), n, m, dk, dv, **common)
-    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
-    torch.library.wrap_triton(_dk_kernel)[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), b)](
-        q, k, v, do, lse, delta, dk_, *strides, n, m, dk, dv, **common)
-    torch.library.wrap_triton(_dq_kernel)[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b)](
-        q, k, v, do, lse, delta, dq, *strides, n, m, dk, dv, **common)
-    return dq, dk_, dv_
+def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, stats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    launches, (dq, dk, dv) = _backward_launches(do, q, k, v, o, stats)
+    _run(launches)
+    return dq.to(q.dtype), dk.to(k.dtype), dv
+
+
+def _spectral_norm_forward_launches(w: Tensor, u: Tensor, v: Tensor, iterations: int, eps: float):
+    h, wd = w.shape
+    u32, v32 = u.float().clone(), v.float().clone()
+    w_sn = torch.empty((h, wd), dtype=w.dtype, device=w.device)
+    sigma = torch.empty((1,), dtype=torch.float32, device=w.device)
+    args = (w, u32, v32, w_sn, sigma, h, wd, w.stride(0), iterations, eps)
+    kwargs = dict(BLOCK_H=32, BLOCK_W=64 if interpreting() else 128)
+    return [Launch(_spectral_norm_forward, (1,), args, kwargs)], (w_sn, sigma, u32, v32)
+
+
+def _spectral_norm_backward_launches(g: Tensor, grad_sigma: Tensor, w_sn: Tensor, u: Tensor, v: Tensor, sigma: Tensor):
+    h, wd = g.shape
+    dot = torch.zeros((1,), dtype=torch.float32, device=g.device)
+    dw = torch.empty_like(g)
+    scalars = [t.float().reshape(1).contiguous() for t in (grad_sigma, sigma)]
+    block = 1024
+    return [Launch(_spectral_norm_backward_dot, (triton.cdiv(g.numel(), block),), (g, w_sn, dot, g.numel()), dict(BLOCK=block)),
+            Launch(_spectral_norm_backward_apply, (triton.cdiv(h, 32), triton.cdiv(wd, 64)),
+                   (g, u.float().contiguous(), v.float().contiguous(), dot, *scalars, dw, h, wd), dict(BLOCK_H=32, BLOCK_W=64))], dw
 
 
 @torch.library.triton_op("sagan_ext_triton::spectral_norm_forward", mutates_args=())
 def spectral_norm_forward(w: Tensor, u: Tensor, v: Tensor, iterations: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(w / sigma, sigma, u', v') for a (h, w) matrix; u', v' float32."""
-    w = w if w.stride(-1) == 1 else w.contiguous()
-    h, wd = w.shape
-    u32, v32 = u.float().clone(), v.float().clone()
-    w_sn = torch.empty((h, wd), dtype=w.dtype, device=w.device)
-    sigma = torch.empty((1,), dtype=torch.float32, device=w.device)
-    torch.library.wrap_triton(_spectral_norm_forward)[(1,)](
-        w, u32, v32, w_sn, sigma, h, wd, w.stride(0), iterations, eps, BLOCK_H=32, BLOCK_W=64 if interpreting() else 128)
+    launches, (w_sn, sigma, u32, v32) = _spectral_norm_forward_launches(w if w.stride(-1) == 1 else w.contiguous(), u, v,
+                                                                        iterations, eps)
+    _run(launches)
     return w_sn, sigma.reshape(()), u32, v32
 
 
 @torch.library.triton_op("sagan_ext_triton::spectral_norm_backward", mutates_args=())
 def spectral_norm_backward(g: Tensor, grad_sigma: Tensor, w_sn: Tensor, u: Tensor, v: Tensor, sigma: Tensor) -> Tensor:
-    g, w_sn = g.contiguous(), w_sn.contiguous()
-    h, wd = g.shape
-    dot = torch.zeros((1,), dtype=torch.float32, device=g.device)
-    block = 1024
-    torch.library.wrap_triton(_spectral_norm_backward_dot)[(triton.cdiv(g.numel(), block),)](
-        g, w_sn, dot, g.numel(), BLOCK=block)
-    dw = torch.empty_like(g)
-    scalars = [t.float().reshape(1).contiguous() for t in (grad_sigma, sigma)]
-    torch.library.wrap_triton(_spectral_norm_backward_apply)[(triton.cdiv(h, 32), triton.cdiv(wd, 64))](
-        g, u.float().contiguous(), v.float().contiguous(), dot, *scalars, dw, h, wd, BLOCK_H=32, BLOCK_W=64)
+    launches, dw = _spectral_norm_backward_launches(g.contiguous(), grad_sigma, w_sn.contiguous(), u, v, sigma)
+    _run(launches)
     return dw
