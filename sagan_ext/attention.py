@@ -31,7 +31,8 @@ def self_attention(
             and t.device.type == x.device.type else t
             for t in (x, wq, wk, wv, gamma, query_bias, key_bias, value_bias, wo))
     _checks.check_attention(x, wq, query_bias, wk, key_bias, wv, value_bias, wo, gamma, pool)
-    out, _, _ = ops.attention_forward(x, wq, query_bias, wk, key_bias, wv, value_bias, wo, gamma, pool, backend)
+    out, _, _ = ops.attention_forward(x, wq, query_bias, wk, key_bias, wv, value_bias, wo, gamma, pool, backend,
+                                      torch.backends.cuda.matmul.allow_tf32)
     return out
 
 

@@ -3,11 +3,13 @@ one for an input and, when none fits, says why each was refused.
 
 A backend implements four kernels; q (B, N, dk), k (B, M, dk), v (B, M, dv), do (B, N, dv) arrive
 as strided views (channel-major from ops.py's projection GEMM, position-major from other callers):
-  attention_forward(q, k, v) -> (o, stats)
-    [optional: attention_forward_residual(q, k, v, x, gamma) -> (x + gamma * o in x's layout, o, stats)]
-  attention_backward(do, q, k, v, o, stats) -> (dq, dk, dv)
+  attention_forward(q, k, v, tf32) -> (o, stats)
+    [optional: attention_forward_residual(q, k, v, x, gamma, tf32) -> (x + gamma * o in x's layout, o, stats)]
+  attention_backward(do, q, k, v, o, stats, tf32) -> (dq, dk, dv)
 stats (B, 2, N), contiguous, in the accumulation dtype: each row's max score m and its sum
-l = sum_j exp(s_j - m) (reference.attention_core says why not the log-sum-exp).
+l = sum_j exp(s_j - m) (reference.attention_core says why not the log-sum-exp). tf32: fp32 products
+may run as TF32 (GPU backends); the forward's value is passed to the backward, which must
+recompute the scores with the forward's arithmetic. The CPU backends compute fp32 exactly.
   spectral_norm_forward(w, u, v, iterations, eps) -> (w / sigma, sigma)   # w is (h, w); u, v updated in place
   spectral_norm_backward(g, grad_sigma, w_sn, u, v, sigma) -> dw
 Everything around them (projections, pooling, residual, weight views) is shared, in ops.py.
@@ -46,8 +48,13 @@ class ReferenceBackend(Backend):
 
     name, devices = "reference", ("cpu", "cuda")
 
-    attention_forward = staticmethod(reference.attention_core)
-    attention_backward = staticmethod(reference.attention_core_backward)
+    @staticmethod
+    def attention_forward(q, k, v, tf32):
+        return reference.attention_core(q, k, v)
+
+    @staticmethod
+    def attention_backward(do, q, k, v, o, stats, tf32):
+        return reference.attention_core_backward(do, q, k, v, o, stats)
 
     @staticmethod
     def spectral_norm_forward(w, u, v, iterations, eps):
@@ -70,11 +77,11 @@ class CpuBackend(Backend):
     def _native(*tensors):
         return [t if t.dtype in (torch.float32, torch.float64) else t.float() for t in tensors]
 
-    def attention_forward(self, q, k, v):
+    def attention_forward(self, q, k, v, tf32):
         o, stats = torch.ops.sagan_ext_cpu.attention_forward(*self._native(q, k, v))
         return o.to(q.dtype), stats
 
-    def attention_backward(self, do, q, k, v, o, stats):
+    def attention_backward(self, do, q, k, v, o, stats, tf32):
         grads = torch.ops.sagan_ext_cpu.attention_backward(*self._native(do, q, k, v, o), stats)
         return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
 
@@ -92,16 +99,6 @@ class CpuBackend(Backend):
         dw = torch.ops.sagan_ext_cpu.spectral_norm_backward(
             g, grad_sigma.to(w_sn.dtype), w_sn, u.to(w_sn.dtype), v.to(w_sn.dtype), sigma.to(w_sn.dtype))
         return dw.to(dtype)
-
-
-def _stats_from_lse(lse):
-    """(m, l) = (lse, 1) describes the same p = exp(s - lse), for kernels that still save a log-sum-exp
-    (and so keep its rounding of ulp(lse) in every recomputed p); being replaced by kernels that save m and l."""
-    return torch.stack([lse, torch.ones_like(lse)], dim=1)
-
-
-def _lse_from_stats(stats):
-    return (stats[:, 0] + torch.log(stats[:, 1])).contiguous()
 
 
 class CudaBackend(Backend):
@@ -134,8 +131,8 @@ class CudaBackend(Backend):
     def _stream(t):
         return torch.cuda.current_stream(t.device).cuda_stream
 
-    def _tf32(self, t):
-        return t.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and self._tensor_cores(t.device)
+    def _tf32(self, t, tf32):
+        return tf32 and t.dtype == torch.float32 and self._tensor_cores(t.device)
 
     def _fallback(self, q):
         for name in ("triton", "reference"):
@@ -144,28 +141,28 @@ class CudaBackend(Backend):
                 return backend
         raise AssertionError("the reference backend takes every input")
 
-    def attention_forward(self, q, k, v):
+    def attention_forward(self, q, k, v, tf32):
         if q.shape[-1] > self.max_query_key_dim:
-            return self._fallback(q).attention_forward(q, k, v)
+            return self._fallback(q).attention_forward(q, k, v, tf32)
         with torch.cuda.device(q.device):
-            return torch.ops.sagan_ext_cuda.attention_forward(q, k, v, self._tf32(q), self._stream(q))
+            return torch.ops.sagan_ext_cuda.attention_forward(q, k, v, self._tf32(q, tf32), self._stream(q))
 
-    def attention_forward_residual(self, q, k, v, x, gamma):
+    def attention_forward_residual(self, q, k, v, x, gamma, tf32):
         if q.shape[-1] > self.max_query_key_dim:
             fallback = self._fallback(q)
             if hasattr(fallback, "attention_forward_residual"):
-                return fallback.attention_forward_residual(q, k, v, x, gamma)
-            o, stats = fallback.attention_forward(q, k, v)
+                return fallback.attention_forward_residual(q, k, v, x, gamma, tf32)
+            o, stats = fallback.attention_forward(q, k, v, tf32)
             return torch.addcmul(x, gamma.reshape(()), o.transpose(1, 2).reshape(x.shape)), o, stats
         with torch.cuda.device(q.device):
             return torch.ops.sagan_ext_cuda.attention_forward_residual(
-                q, k, v, x, gamma.reshape(1).to(x.dtype), self._tf32(q), self._stream(q))
+                q, k, v, x, gamma.reshape(1).to(x.dtype), self._tf32(q, tf32), self._stream(q))
 
-    def attention_backward(self, do, q, k, v, o, stats):
+    def attention_backward(self, do, q, k, v, o, stats, tf32):
         if q.shape[-1] > self.max_query_key_dim:
-            return self._fallback(q).attention_backward(do, q, k, v, o, stats)
+            return self._fallback(q).attention_backward(do, q, k, v, o, stats, tf32)
         with torch.cuda.device(q.device):
-            return torch.ops.sagan_ext_cuda.attention_backward(do, q, k, v, o, stats, self._tf32(q), self._stream(q))
+            return torch.ops.sagan_ext_cuda.attention_backward(do, q, k, v, o, stats, self._tf32(q, tf32), self._stream(q))
 
     def spectral_norm_forward(self, w, u, v, iterations, eps):
         with torch.cuda.device(w.device):
@@ -181,8 +178,8 @@ class CudaBackend(Backend):
 class TritonBackend(Backend):
     """Triton kernels (triton_kernels.py) on CUDA GPUs; on the CPU only under the Triton
     interpreter (TRITON_INTERPRET=1: exact, slow; for tests), which takes fp32 and fp16 but not
-    bf16. fp16/bf16/fp32 on GPUs; fp32 dots are TF32 when torch.backends.cuda.matmul.allow_tf32
-    is set."""
+    bf16. fp16/bf16/fp32 on GPUs; fp32 dots are TF32 when the op's tf32 is set
+    (torch.backends.cuda.matmul.allow_tf32 at the forward's call)."""
 
     name = "triton"
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
@@ -216,14 +213,14 @@ class TritonBackend(Backend):
         from . import triton_kernels
         return triton_kernels
 
-    def attention_forward(self, q, k, v):
-        return torch.ops.sagan_ext_triton.attention_forward(q, k, v)
+    def attention_forward(self, q, k, v, tf32):
+        return torch.ops.sagan_ext_triton.attention_forward(q, k, v, tf32)
 
-    def attention_forward_residual(self, q, k, v, x, gamma):
-        return torch.ops.sagan_ext_triton.attention_forward_residual(q, k, v, x, gamma)
+    def attention_forward_residual(self, q, k, v, x, gamma, tf32):
+        return torch.ops.sagan_ext_triton.attention_forward_residual(q, k, v, x, gamma, tf32)
 
-    def attention_backward(self, do, q, k, v, o, stats):
-        return torch.ops.sagan_ext_triton.attention_backward(do, q, k, v, o, stats)
+    def attention_backward(self, do, q, k, v, o, stats, tf32):
+        return torch.ops.sagan_ext_triton.attention_backward(do, q, k, v, o, stats, tf32)
 
     def spectral_norm_forward(self, w, u, v, iterations, eps):
         w_sn, sigma, u_new, v_new = torch.ops.sagan_ext_triton.spectral_norm_forward(w, u, v, iterations, eps)

@@ -50,15 +50,19 @@ def _projections(x, wq, bq, wk, bk, wv, bv, pool):
 def attention_forward(
     x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
     wv: Tensor, bv: Optional[Tensor], wo: Optional[Tensor], gamma: Tensor, pool: bool, backend: str,
+    tf32: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (out, o, stats): out = x + gamma * Wo(o); o (B, N, dv) and the row statistics stats
-    (B, 2, N: each row's max score and exp-sum, see reference.attention_core) for the backward."""
+    (B, 2, N: each row's max score and exp-sum, see reference.attention_core) for the backward.
+    `tf32`: fp32 products may run as TF32 on GPUs (torch.backends.cuda.matmul.allow_tf32 at the
+    call). It is an argument, not read from the flag inside, so that the backward recomputes the
+    scores with the forward's arithmetic even if the flag changed in between."""
     kernels = select(backend, x.device, x.dtype)
     q, k, v, _, _ = _projections(x, wq, bq, wk, bk, wv, bv, pool)
     h, w = x.shape[-2:]
     if wo is None and hasattr(kernels, "attention_forward_residual") and (h == 1 or x.stride(2) == w * x.stride(3)):
-        return kernels.attention_forward_residual(q, k, v, x, gamma)  # the residual in the kernel's epilogue
-    o, stats = kernels.attention_forward(q, k, v)
+        return kernels.attention_forward_residual(q, k, v, x, gamma, tf32)  # the residual in the kernel's epilogue
+    o, stats = kernels.attention_forward(q, k, v, tf32)
     y = o.transpose(1, 2) if wo is None else torch.matmul(wo, o.transpose(1, 2))  # (B, C, N)
     out = torch.empty_like(x)
     torch.addcmul(x, gamma.reshape(()), y.reshape(x.shape), out=out)
@@ -66,7 +70,7 @@ def attention_forward(
 
 
 @attention_forward.register_fake
-def _(x, wq, bq, wk, bk, wv, bv, wo, gamma, pool, backend):
+def _(x, wq, bq, wk, bk, wv, bv, wo, gamma, pool, backend, tf32=False):
     b, _, h, w = x.shape
     n = h * w
     return (torch.empty_like(x), x.new_empty((b, n, wv.shape[0])),
@@ -77,7 +81,7 @@ def _(x, wq, bq, wk, bk, wv, bv, wo, gamma, pool, backend):
 def attention_backward(
     grad_out: Tensor, x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
     wv: Tensor, bv: Optional[Tensor], wo: Optional[Tensor], gamma: Tensor, o: Tensor, stats: Tensor,
-    pool: bool, backend: str,
+    pool: bool, backend: str, tf32: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dgamma); an absent input gets an empty tensor."""
     kernels = select(backend, x.device, x.dtype)
@@ -93,7 +97,7 @@ def attention_backward(
     dgamma = (g_o.to(acc) * o.transpose(1, 2).to(acc)).sum().reshape(gamma.shape).to(gamma.dtype)
     do = (g_o * gamma.reshape(()).to(g_o.dtype)).transpose(1, 2)  # (B, N, dv), channel-major
     dwo = x.new_empty(0) if wo is None else torch.matmul(gc, o).sum(0) * gamma.reshape(()).to(x.dtype)
-    dq, dk, dv = kernels.attention_backward(do, q, k, v, o, stats)
+    dq, dk, dv = kernels.attention_backward(do, q, k, v, o, stats, tf32)
     if pool:  # unpool dK and dV together through the forward's indices
         dkv = torch.cat([dk, dv], dim=-1).transpose(1, 2).unflatten(2, indices.shape[-2:])
         dkv = F.max_unpool2d(dkv, indices, kernel_size=2, output_size=(h, w)).flatten(2)
@@ -111,28 +115,28 @@ def attention_backward(
 
 
 @attention_backward.register_fake
-def _(grad_out, x, wq, bq, wk, bk, wv, bv, wo, gamma, o, stats, pool, backend):
+def _(grad_out, x, wq, bq, wk, bk, wv, bv, wo, gamma, o, stats, pool, backend, tf32=False):
     like = lambda t: x.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
     return (torch.empty_like(x), like(wq), like(bq), like(wk), like(bk), like(wv), like(bv), like(wo),
             torch.empty_like(gamma))
 
 
 def _attention_setup_context(ctx, inputs, output):
-    x, wq, bq, wk, bk, wv, bv, wo, gamma, pool, backend = inputs
+    x, wq, bq, wk, bk, wv, bv, wo, gamma, pool, backend, tf32 = inputs
     _, o, stats = output
     ctx.save_for_backward(x, wq, bq, wk, bk, wv, bv, wo, gamma, o, stats)
-    ctx.pool, ctx.backend = pool, backend
+    ctx.pool, ctx.backend, ctx.tf32 = pool, backend, tf32
     ctx.present = [t is not None for t in (bq, bk, bv, wo)]
 
 
 def _attention_autograd(ctx, grad_out, _grad_o, _grad_stats):
     if torch.is_grad_enabled():
         return _attention_double_backward(ctx, grad_out)
-    grads = attention_backward(grad_out, *ctx.saved_tensors, ctx.pool, ctx.backend)
+    grads = attention_backward(grad_out, *ctx.saved_tensors, ctx.pool, ctx.backend, ctx.tf32)
     dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dgamma = grads
     has_bq, has_bk, has_bv, has_wo = ctx.present
     return (dx, dwq, dbq if has_bq else None, dwk, dbk if has_bk else None, dwv,
-            dbv if has_bv else None, dwo if has_wo else None, dgamma, None, None)
+            dbv if has_bv else None, dwo if has_wo else None, dgamma, None, None, None)
 
 
 def _attention_double_backward(ctx, grad_out):
@@ -143,7 +147,7 @@ def _attention_double_backward(ctx, grad_out):
     out = reference.self_attention(*inputs, ctx.pool)
     wanted = [t for t in inputs if t is not None and t.requires_grad]
     grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
-    return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs) + (None, None)
+    return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs) + (None, None, None)
 
 
 torch.library.register_autograd(

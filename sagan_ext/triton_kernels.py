@@ -11,7 +11,8 @@ passes them, or position-major as tests do; no copies.
 - dk (8..64) is padded to a power of two >= 16 inside the kernel with masks, never in memory.
 - dv (up to 512) is tiled across programs (BLOCK_DV) in the forward and the backward; the cheap
   q k^T (dk <= 64) is recomputed per tile instead of holding a 512-wide accumulator.
-- fp32 inputs go through tl.dot as TF32 when torch.backends.cuda.matmul.allow_tf32 is set, else in
+- fp32 inputs go through tl.dot as TF32 when the op's tf32 is set (the caller's
+  torch.backends.cuda.matmul.allow_tf32, decided once in the forward and passed to the backward), else in
   full precision ("ieee", FMA: smaller tiles, or the accumulators spill).
 - Block sizes are tl.constexpr, autotuned over short pruned lists on GPUs; under the interpreter
   (TRITON_INTERPRET=1, which runs these kernels exactly on the CPU) one small config is pinned so
@@ -338,8 +339,8 @@ _forward_kernel = _tuned(_attention_forward, FORWARD_TILES, _KEY + ["RESIDUAL"])
 _backward_kernel = _tuned(_attention_backward, BACKWARD_TILES)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+def _precision(dtype: torch.dtype, tf32: bool) -> str:
+    if dtype == torch.float32 and not tf32:
         return "ieee"
     return "tf32"  # ignored for fp16/bf16 operands
 
@@ -368,7 +369,7 @@ def _strides(t: Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _forward_launches(q: Tensor, k: Tensor, v: Tensor, x=None, gamma=None):
+def _forward_launches(q: Tensor, k: Tensor, v: Tensor, tf32: bool, x=None, gamma=None):
     """The forward's launches and (out, o, stats); out is x + gamma * o^T in x's layout if x is
     given, else o."""
     b, n, dk = q.shape
@@ -382,11 +383,11 @@ def _forward_launches(q: Tensor, k: Tensor, v: Tensor, x=None, gamma=None):
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b, triton.cdiv(dv, meta["BLOCK_DV"]))  # noqa: E731
     args = (q, k, v, o, stats, *_strides(q), *_strides(k), *_strides(v), n, m, dk, dv,
             x if residual else o, out, gamma if residual else o, *xs)
-    kwargs = _tuned_args(DK_PAD=_dk_pad(dk), PRECISION=_precision(q.dtype), RESIDUAL=residual)
+    kwargs = _tuned_args(DK_PAD=_dk_pad(dk), PRECISION=_precision(q.dtype, tf32), RESIDUAL=residual)
     return [Launch(_forward_kernel, grid, args, kwargs)], (out, o, stats)
 
 
-def _backward_launches(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, stats: Tensor):
+def _backward_launches(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, stats: Tensor, tf32: bool):
     """The backward's launches and (dq, dk, dv); dq and dk float32."""
     b, n, dk = q.shape
     m, dv = k.shape[1], v.shape[2]
@@ -400,29 +401,29 @@ def _backward_launches(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, s
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), b, triton.cdiv(dv, meta["BLOCK_DV"]))  # noqa: E731
     args = (q, k, v, do, stats, delta, dq, dk_, dv_, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
             n, m, dk, dv)
-    launches.append(Launch(_backward_kernel, grid, args, _tuned_args(DK_PAD=_dk_pad(dk), PRECISION=_precision(q.dtype))))
+    launches.append(Launch(_backward_kernel, grid, args, _tuned_args(DK_PAD=_dk_pad(dk), PRECISION=_precision(q.dtype, tf32))))
     return launches, (dq, dk_, dv_)
 
 
 @torch.library.triton_op("sagan_ext_triton::attention_forward", mutates_args=())
-def attention_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    launches, (_, o, stats) = _forward_launches(q, k, v)
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, tf32: bool) -> tuple[Tensor, Tensor]:
+    launches, (_, o, stats) = _forward_launches(q, k, v, tf32)
     _run(launches)
     return o, stats
 
 
 @torch.library.triton_op("sagan_ext_triton::attention_forward_residual", mutates_args=())
-def attention_forward_residual(q: Tensor, k: Tensor, v: Tensor, x: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def attention_forward_residual(q: Tensor, k: Tensor, v: Tensor, x: Tensor, gamma: Tensor, tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(out, o, stats) with out = x + gamma * o written into x's (B, C, H, W) layout by the epilogue;
     x's H and W must share one stride step (NCHW or channels_last), v's channels are x's."""
-    launches, outputs = _forward_launches(q, k, v, x, gamma.reshape(1))
+    launches, outputs = _forward_launches(q, k, v, tf32, x, gamma.reshape(1))
     _run(launches)
     return outputs
 
 
 @torch.library.triton_op("sagan_ext_triton::attention_backward", mutates_args=())
-def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, stats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    launches, (dq, dk, dv) = _backward_launches(do, q, k, v, o, stats)
+def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, stats: Tensor, tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
+    launches, (dq, dk, dv) = _backward_launches(do, q, k, v, o, stats, tf32)
     _run(launches)
     return dq.to(q.dtype), dk.to(k.dtype), dv
 

@@ -78,6 +78,25 @@ def test_available_backends_explain_themselves():
     assert select("auto", torch.device("cpu"), torch.float32).name == "cpu"
 
 
+def test_backward_gets_the_forwards_tf32_choice(monkeypatch):
+    # GPU backends recompute the scores in the backward with the forward's arithmetic: if the TF32
+    # flag flips between forward and backward (a context manager around the forward, say), the
+    # backward must still be told what the forward did, or p = exp(s - m) / l stops summing to 1.
+    reference_backend = sagan_ext.backends.BACKENDS["reference"]
+    seen = []
+    backward = reference_backend.attention_backward
+    monkeypatch.setattr(reference_backend, "attention_backward",
+                        lambda *args: seen.append(args[-1]) or backward(*args))
+    inputs = attention_inputs("sagan", 1, 16, 3, 4, dtype=torch.float32)
+    for forward_flag in (True, False):
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", forward_flag)
+        out = sagan_ext.self_attention(inputs["x"], inputs["wq"], inputs["wk"], inputs["wv"], inputs["gamma"],
+                                       backend="reference")
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", not forward_flag)
+        out.sum().backward()
+    assert seen == [True, False]
+
+
 @pytest.mark.parametrize("capability, fp16_refused, tf32", [((7, 5), True, False), ((8, 0), False, True),
                                                        ((9, 0), False, True)])
 def test_cuda_backend_keeps_tensor_core_paths_to_sm80(monkeypatch, capability, fp16_refused, tf32):
@@ -86,13 +105,12 @@ def test_cuda_backend_keeps_tensor_core_paths_to_sm80(monkeypatch, capability, f
     cuda = sagan_ext.backends.BACKENDS["cuda"]
     monkeypatch.setattr(type(cuda), "unavailable", lambda self: None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     device = torch.device("cuda", 0)
     for dtype in (torch.float16, torch.bfloat16):
         reason = cuda.refusal(device, dtype)
         assert (reason is not None and "sm_80" in reason) == fp16_refused, reason
     assert cuda.refusal(device, torch.float32) is None
-    assert cuda._tf32(torch.empty(0, device="meta")) is tf32
+    assert cuda._tf32(torch.empty(0, device="meta"), True) is tf32
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -79,15 +79,15 @@ def test_core_reads_either_layout_through_strides(layout):
         assert q32.stride() == ((2 * dk + dv) * n, 1, n) and do32.stride() == (dv * n, 1, n)
     ref_o, ref_stats = reference.attention_core(q, k, v)
     ref_grads = reference.attention_core_backward(do, q, k, v, ref_o, ref_stats)
-    (forward,), _ = triton_kernels._forward_launches(q32, k32, v32)
-    (_, backward), _ = triton_kernels._backward_launches(do32, q32, k32, v32, *forward.args[3:5])
+    (forward,), _ = triton_kernels._forward_launches(q32, k32, v32, False)
+    (_, backward), _ = triton_kernels._backward_launches(do32, q32, k32, v32, *forward.args[3:5], False)
     assert all(a is b for a, b in zip(forward.args, (q32, k32, v32))), "the forward copied an input"
     assert all(a is b for a, b in zip(backward.args, (q32, k32, v32, do32))), "the backward copied an input"
-    o, stats = torch.ops.sagan_ext_triton.attention_forward(q32, k32, v32)
+    o, stats = torch.ops.sagan_ext_triton.attention_forward(q32, k32, v32, False)
     assert stats.shape == (b, 2, n) and stats.dtype == torch.float32 and stats.is_contiguous()
     _assert_relative(o.cpu(), ref_o, 1e-5, "o")
     _assert_relative(stats.cpu(), ref_stats, 1e-5, "stats")
-    grads = torch.ops.sagan_ext_triton.attention_backward(do32, q32, k32, v32, o, stats)
+    grads = torch.ops.sagan_ext_triton.attention_backward(do32, q32, k32, v32, o, stats, False)
     for name, g, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert g.dtype == torch.float32
         _assert_relative(g.cpu(), ref, 1e-5, name)
@@ -158,10 +158,10 @@ def test_spectral_norm_gradient_of_sigma():
                     "would launch the interpreted kernels on meta tensors")
 def test_opcheck_triton_ops():
     q, k, v = (torch.randn(2, 20, d, device="cuda") for d in (8, 8, 24))
-    torch.library.opcheck(torch.ops.sagan_ext_triton.attention_forward, (q, k, v))
-    stats = torch.ops.sagan_ext_triton.attention_forward(q, k, v)[1]
+    torch.library.opcheck(torch.ops.sagan_ext_triton.attention_forward, (q, k, v, False))
+    stats = torch.ops.sagan_ext_triton.attention_forward(q, k, v, False)[1]
     o, do = torch.randn(2, 20, 24, device="cuda"), torch.randn(2, 20, 24, device="cuda")
-    torch.library.opcheck(torch.ops.sagan_ext_triton.attention_backward, (do, q, k, v, o, stats))
+    torch.library.opcheck(torch.ops.sagan_ext_triton.attention_backward, (do, q, k, v, o, stats, False))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "cropped", "one_row"])

@@ -87,8 +87,9 @@ def block_inputs(variant, c, h, w, dtype):
 
 
 def attention_launches(q, k, v, do, x=None, gamma=None):
-    forward, (_, o, stats) = triton_kernels._forward_launches(q, k, v, x, gamma)
-    backward, _ = triton_kernels._backward_launches(do, q, k, v, o, stats)
+    tf32 = torch.backends.cuda.matmul.allow_tf32  # set per dtype row by main()
+    forward, (_, o, stats) = triton_kernels._forward_launches(q, k, v, tf32, x, gamma)
+    backward, _ = triton_kernels._backward_launches(do, q, k, v, o, stats, tf32)
     return forward, backward
 
 
