@@ -161,10 +161,12 @@ def _attention_backward(
     for start in range(0, N, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         q = _load_tile(Q + b * stride_qb, rows, dks, stride_qn, stride_qc, N, DK)
-        m = tl.load(STATS + b * 2 * N + rows, mask=rows < N, other=0.0)
+        # p = 0 outside the matrix without an exp2 of a huge positive number: keys past M score
+        # -inf as in the forward, rows past N take m = +inf
+        s = tl.where(cols[None, :] < M, _scores(q, k, PRECISION), float("-inf"))
+        m = tl.load(STATS + b * 2 * N + rows, mask=rows < N, other=float("inf"))
         l = tl.load(STATS + b * 2 * N + N + rows, mask=rows < N, other=1.0)
-        p = tl.exp2((_scores(q, k, PRECISION) - m[:, None]) * LOG2E) / l[:, None]
-        p = tl.where((rows[:, None] < N) & (cols[None, :] < M), p, 0.0)
+        p = tl.exp2((s - m[:, None]) * LOG2E) / l[:, None]
         do = _load_tile(DO + b * stride_dob, rows, dvs, stride_don, stride_doc, N, DV)
         dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
