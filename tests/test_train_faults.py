@@ -29,6 +29,22 @@ def kill(*_):
     raise Killed
 
 
+class FullDisk:
+    """A file on a disk with `left` bytes free: writes past them fail with ENOSPC."""
+
+    def __init__(self, f, left: int):
+        self.f, self.left = f, left
+
+    def write(self, b):
+        if len(b) > self.left:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.left -= len(b)
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
+
+
 def digests(folder: Path) -> dict:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -57,22 +73,9 @@ def test_atomic_writer_keeps_the_old_file_and_names_the_os_error(tmp_path):
         files.write_atomically(path, dies_half_way)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["state.pt"]
 
-    class FullDisk:  # a file on a disk with 100 bytes left
-        def __init__(self, f):
-            self.f, self.left = f, 100
-
-        def write(self, b):
-            if len(b) > self.left:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            self.left -= len(b)
-            return self.f.write(b)
-
-        def flush(self):
-            self.f.flush()
-
     # torch.save reports the failed write as "RuntimeError: ... unexpected pos"; the writer finds the OSError
     with pytest.raises(files.WriteError, match=r"cannot write .*state.pt: \[Errno 28\] No space left on device"):
-        files.write_atomically(path, lambda f: torch.save({"w": torch.zeros(1000)}, FullDisk(f)))
+        files.write_atomically(path, lambda f: torch.save({"w": torch.zeros(1000)}, FullDisk(f, 100)))
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["state.pt"]
 
 
@@ -148,22 +151,9 @@ def test_full_disk_and_read_only_folder_get_one_message_and_touch_no_earlier_fil
     before = digests(tmp_path / "checkpoints")
     real_save = torch.save
 
-    class FullDisk:
-        def __init__(self, f):
-            self.f, self.left = f, 200_000
-
-        def write(self, b):
-            if len(b) > self.left:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            self.left -= len(b)
-            return self.f.write(b)
-
-        def flush(self):
-            self.f.flush()
-
     def fills_the_disk(obj, f, *args, **kwargs):  # the disk fills up half-way through step 2's checkpoint
         on_disk = "step_0000002" in getattr(f, "name", str(f))
-        return real_save(obj, FullDisk(f) if on_disk else f, *args, **kwargs)
+        return real_save(obj, FullDisk(f, 200_000) if on_disk else f, *args, **kwargs)
 
     capsys.readouterr()
     with monkeypatch.context() as m:
