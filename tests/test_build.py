@@ -81,3 +81,16 @@ def test_unchanged_sources_do_not_rebuild(capsys):
     assert _build._jit_build("cpu") is None
     assert library.stat().st_mtime_ns == stamp
     assert "compiling" not in capsys.readouterr().err
+
+
+def test_cmake_compiles_the_cuda_kernels_with_the_jit_builds_flags():
+    """The JIT build (cpp_extension.load, what a GPU user runs) compiles the .cu files with torch's
+    COMMON_NVCC_FLAGS, which remove __half/__nv_bfloat16's float conversions; the CMake build in
+    CI must use them too, or a kernel that compiles in CI fails to build on every GPU machine
+    (attention_mma.cu's T(0.f) did, found on the first GPU run's rehearsal)."""
+    from torch.utils import cpp_extension
+
+    cmake = (Path(__file__).resolve().parent.parent / "CMakeLists.txt").read_text()
+    kernel_options = cmake.split("target_compile_options(sagan_ext_cuda_kernels", 1)[1].split(")", 1)[0]
+    missing = [flag for flag in cpp_extension.COMMON_NVCC_FLAGS if flag not in kernel_options.split()]
+    assert not missing, f"CMakeLists.txt's CUDA kernel flags lack torch's JIT flags {missing}"

@@ -106,7 +106,8 @@ __device__ Tile<T> stage_tile(T* smem, const BatchView<const T>& src, int r0, in
       const int o = idx / inner_n, i = idx % inner_n;  // consecutive threads: consecutive inner elements
       const int r = transposed ? i : o, c = transposed ? o : i;
       const bool valid = r0 + r < rows && c0 + c < cols;
-      smem[o * tile.ld + i] = valid ? *src.at(r0 + r, c0 + c) : T(0.f);
+      smem[o * tile.ld + i] = valid ? *src.at(r0 + r, c0 + c) : T{};  // T{}: +0 without a float conversion, which
+      // torch's JIT flags (-D__CUDA_NO_HALF_CONVERSIONS__ ...) remove from __half and __nv_bfloat16
     }
   }
   return tile;
