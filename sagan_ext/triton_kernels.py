@@ -124,7 +124,9 @@ def _attention_forward(
 # In all, per (query, key) pair, 4 dv + 6 dk * cdiv(dv, BLOCK_DV) FLOPs: FlashAttention-2's
 # 4 dv + 6 dk when one tile spans dv (the previous three kernels: 6 dv + 10 dk, dO V^T twice more).
 # benchmarks/blocks.py counts useful FLOPs only (backward 4 dv + 4 dk), whatever the kernel recomputes.
-# dK is summed over the dv tiles with fp32 atomics too; dV tiles are stored directly.
+# dK is summed over the dv tiles with fp32 atomics too; dV tiles are stored directly. The atomics are
+# relaxed: only their sum is read, after the kernel ends (the default acq_rel wraps each 16-byte add
+# in a full GPU fence, MEMBAR.ALL.GPU + CCTL.IVALL in the sm_90 SASS).
 
 
 @triton.jit
@@ -175,10 +177,10 @@ def _attention_backward(
         dk_acc += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
         dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         tl.atomic_add(DQ + b * N * DK + rows[:, None] * DK + dks[None, :], dq,
-                      mask=(rows[:, None] < N) & (dks[None, :] < DK))
+                      mask=(rows[:, None] < N) & (dks[None, :] < DK), sem="relaxed")
     _store_tile(DV_OUT + b * M * DV, cols, dvs, DV, 1, M, DV, dv_acc)
     tl.atomic_add(DK_OUT + b * M * DK + cols[:, None] * DK + dks[None, :], dk_acc,
-                  mask=(cols[:, None] < M) & (dks[None, :] < DK))
+                  mask=(cols[:, None] < M) & (dks[None, :] < DK), sem="relaxed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,16 +331,22 @@ def _pruner(tiles: dict):
     return prune
 
 
-def _tuned(kernel, tiles, key=_KEY):
-    if interpreting():
-        return kernel
+def autotuned(kernel, tiles, key=_KEY, accumulated=(), do_bench=None):
+    """`kernel` autotuned over `tiles`. The tuner times each config by running the kernel many times
+    on the call's own buffers, so every output the kernel adds to (`accumulated`: atomics into
+    buffers the caller zeroed) is zeroed before each timed run and once more before the real one;
+    without that, the first call at each new shape returns the sum of every timed run."""
     configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DV=bdv), num_warps=w, num_stages=s)
                for kind in tiles.values() for bm, bn, bdv, w, s in kind]
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _pruner(tiles)})(kernel)
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _pruner(tiles)},
+                           reset_to_zero=list(accumulated) or None, do_bench=do_bench)(kernel)
 
 
-_forward_kernel = _tuned(_attention_forward, FORWARD_TILES, _KEY + ["RESIDUAL"])
-_backward_kernel = _tuned(_attention_backward, BACKWARD_TILES)
+FORWARD_TUNING = dict(kernel=_attention_forward, tiles=FORWARD_TILES, key=_KEY + ["RESIDUAL"])
+BACKWARD_TUNING = dict(kernel=_attention_backward, tiles=BACKWARD_TILES, accumulated=("DQ", "DK_OUT"))
+# the interpreter runs one pinned config (PINNED), untuned
+_forward_kernel = _attention_forward if interpreting() else autotuned(**FORWARD_TUNING)
+_backward_kernel = _attention_backward if interpreting() else autotuned(**BACKWARD_TUNING)
 
 
 def _precision(dtype: torch.dtype, tf32: bool) -> str:

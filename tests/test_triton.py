@@ -183,3 +183,57 @@ def test_fused_residual_epilogue_writes_x_layout(layout):
     ref_out, ref_grads = reference_grads({k: v.detach().double().requires_grad_() for k, v in inputs.items()})
     _assert_relative(out, ref_out, 1e-4, "out")
     _assert_grads(grads, ref_grads, 1e-4)
+
+
+def _core_case(device, dtype=torch.float32, dv=64, n=64, seed=0):
+    """q, k, v, dO of one (B=1, n, dk=16, dv) core in `dtype`, and the gradients of those same
+    (rounded) values in float64."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(1, n, 16, generator=g) * 0.7 for _ in range(2))
+    v, do = torch.randn(1, n, dv, generator=g), torch.randn(1, n, dv, generator=g)
+    inputs = [t.to(dtype) for t in (q, k, v, do)]
+    q, k, v, do = (t.double() for t in inputs)
+    ref_o, ref_stats = reference.attention_core(q, k, v)
+    ref_grads = reference.attention_core_backward(do, q, k, v, ref_o, ref_stats)
+    return [t.to(device) for t in inputs], ref_grads
+
+
+def test_autotuning_does_not_add_its_timed_runs_into_the_gradients(monkeypatch):
+    """The backward adds dQ and dK into zeroed buffers with atomics; the autotuner times each config
+    by running the kernel many times on the call's own buffers. Driven here through Triton's own
+    Autotuner (its timing function replaced by one that runs the kernel 3 times, as do_bench runs it
+    many), on the CPU under the interpreter: the first backward at a new shape, the one that tunes,
+    must equal float64, not the sum of every timed run."""
+    from sagan_ext import triton_kernels
+    timed = []
+
+    def run_three_times(kernel_call, quantiles):
+        for _ in range(3):
+            kernel_call()
+        timed.append(kernel_call)
+        return [float(len(timed))] * len(quantiles)  # the first config timed "wins"
+
+    tuner = triton_kernels.autotuned(**triton_kernels.BACKWARD_TUNING, do_bench=run_three_times)
+    monkeypatch.setattr(triton_kernels, "_backward_kernel", tuner)
+    monkeypatch.setattr(triton_kernels, "PINNED", {})  # the tuner's configs pick the tiles
+    (q, k, v, do), ref_grads = _core_case(DEVICE)
+    o, stats = reference.attention_core(q, k, v)
+    grads = torch.ops.sagan_ext_triton.attention_backward(do, q, k, v, o, stats, False)
+    assert len(timed) >= 2, "the autotuner did not time several configs: this test proves nothing"
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _assert_relative(got.cpu(), want, 1e-5, name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the interpreter never autotunes")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_backward_after_tuning_matches_float64_on_the_gpu(dtype):
+    """On a GPU, the first backward at a shape no test used before (the call that autotunes, its
+    tuning cache emptied first) against float64."""
+    from sagan_ext import triton_kernels
+    triton_kernels._backward_kernel.cache.clear()
+    (q, k, v, do), ref_grads = _core_case("cuda", dtype, dv=192, n=1000, seed=1)
+    o, stats = torch.ops.sagan_ext_triton.attention_forward(q, k, v, False)
+    grads = torch.ops.sagan_ext_triton.attention_backward(do, q, k, v, o, stats, False)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _assert_relative(got.double().cpu(), want, tol, name)
