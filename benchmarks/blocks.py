@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -15,6 +16,20 @@ import torch.nn.functional as F
 import sagan_ext
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def seconds_left() -> float:
+    """Seconds to SAGAN_EXT_BENCH_DEADLINE (seconds since the epoch; benchmarks/gpu_check.sh sets it
+    so that a run inside a time-limited GPU lease skips the cases it has no time for, ends, and
+    writes its JSON); infinite when unset."""
+    deadline = os.environ.get("SAGAN_EXT_BENCH_DEADLINE")
+    return float("inf") if not deadline else float(deadline) - time.time()
+
+
+def skip_past_deadline(needs_s: float) -> None:
+    import pytest
+    if seconds_left() < needs_s:
+        pytest.skip(f"SAGAN_EXT_BENCH_DEADLINE: under {needs_s:.0f} s of the lease left for this case")
 
 
 def make(batch, channels, size, device="cpu", dtype=torch.float32, backend="auto", seed=0, variant="sagan"):
@@ -31,16 +46,37 @@ def eager(block, x):
     return sagan_ext.EagerSelfAttention.forward(block, x)
 
 
-def sdpa(block, x):
+def _with_attention(block, x, attend):
+    """The block around an attention function attend(q, k, v) on (B, 1, L, C) position-major
+    tensors, unscaled scores (SAGAN): the block's own projections, pooling and residual."""
     positions = lambda t: t.flatten(2).transpose(1, 2).unsqueeze(1)  # noqa: E731  (B, 1, L, C)
     if block.variant == "biggan":
         q, k, v = positions(block.theta(x)), positions(F.max_pool2d(block.phi(x), 2)), positions(F.max_pool2d(block.g(x), 2))
     else:
         q, k, v = (positions(conv(x)) for conv in (block.query_conv, block.key_conv, block.value_conv))
-    o = F.scaled_dot_product_attention(q, k, v, scale=1.0).squeeze(1)  # SAGAN scores are unscaled
+    o = attend(q, k, v).squeeze(1)
     if block.variant == "biggan":
         return block.gamma * block.o(o.transpose(1, 2).reshape(x.shape[0], -1, *x.shape[2:])) + x
     return block.gamma * o.transpose(1, 2).reshape(x.shape) + x
+
+
+def sdpa(block, x):
+    """The block on F.scaled_dot_product_attention(scale=1.0), PyTorch's choice of kernel."""
+    return _with_attention(block, x, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=1.0))
+
+
+_flex_attention = None
+
+
+def flex(block, x):
+    """The block on torch.compile'd flex_attention (scale=1.0; it takes a value dim other than the
+    query/key dim), compiled once per input shape and dtype."""
+    global _flex_attention
+    if _flex_attention is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        _flex_attention = torch.compile(flex_attention, dynamic=False)
+    return _with_attention(block, x, lambda q, k, v: _flex_attention(q.contiguous(), k.contiguous(), v.contiguous(),
+                                                                     scale=1.0))
 
 
 _compiled = {}

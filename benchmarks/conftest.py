@@ -57,27 +57,51 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["cuda_device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     machine_info["sagan_ext_backends"] = {k: v or "available" for k, v in sagan_ext.available_backends().items()}
     machine_info["measured_matmul_gflops"] = _matmul_peak_gflops()
-    if torch.cuda.is_available():  # the ceiling for % of floor of the GPU grid, per dtype
+    if torch.cuda.is_available():  # the ceilings (METHOD.md's two numbers), measured here
         machine_info["measured_matmul_gflops_by_dtype"] = {
-            name: _matmul_peak_gflops(dtype) for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16),
-                                                                 ("fp32", torch.float32))}
+            name: _matmul_peak_gflops(dtype, tf32) for name, dtype, tf32 in (
+                ("bf16", torch.bfloat16, False), ("fp16", torch.float16, False), ("fp32", torch.float32, False),
+                ("tf32", torch.float32, True))}
+        machine_info["measured_copy_gb_per_s"] = _copy_bandwidth_gb_per_s()
     machine_info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
                                       if ln.startswith("model name")), platform.processor())
     _machine_info.update(machine_info)
 
 
-def _matmul_peak_gflops(dtype=torch.float32):
-    """The device's matrix-product rate through torch in `dtype`, the ceiling for '% of floor'."""
+def _matmul_peak_gflops(dtype=torch.float32, tf32=False):
+    """The device's matrix-product rate through torch in `dtype` (random data: zeros run faster),
+    the ceiling for '% of floor'."""
     import time
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    n = 4096 if device == "cuda" else 2048
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    a @ a
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start, reps = time.perf_counter(), 5
-    for _ in range(reps):
-        a @ a
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+    n = 8192 if device == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        for _ in range(3):
+            a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start, reps = time.perf_counter(), 10 if device == "cuda" else 5
+        for _ in range(reps):
+            a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _copy_bandwidth_gb_per_s():
+    """A 4 GiB device-to-device copy, bytes read plus written per second: the memory ceiling."""
+    src = torch.empty(2**29, device="cuda", dtype=torch.float32).normal_()
+    dst = torch.empty_like(src)
+    for _ in range(2):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    return 2 * src.numel() * 4 * 10 / (start.elapsed_time(end) / 1e3) / 1e9

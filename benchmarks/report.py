@@ -27,11 +27,13 @@ def parse(data: dict):
     for bench in data["benchmarks"]:
         params, info = bench.get("params") or {}, bench.get("extra_info", {})
         name = bench["name"].split("[")[0]
-        if name.startswith("test_gpu_grid"):
-            key = ("gpu", info["mode"], info["variant"], info["dtype"], _shape(params))
+        if name.startswith("test_gpu_"):  # test_gpu_headline*, test_gpu_grid*
+            table = "gpu headline" if name.startswith("test_gpu_headline") else "gpu grid"
+            key = (table, info["mode"], info["variant"], info["dtype"], _shape(params))
             ok = info.get("status") == "ok"
             timing[key][info["contender"]] = dict(ms=bench["stats"]["median"] * 1e3 if ok else None,
-                                                  tflops=info.get("tflops_per_s"), peak_mib=info.get("peak_extra_mib"))
+                                                  status=info.get("status"), tflops=info.get("tflops_per_s"),
+                                                  peak_mib=info.get("peak_extra_mib"))
         elif name == "test_peak_memory":
             memory[_shape(params)][params["contender"]] = info.get("peak_extra_mib")
         elif name.startswith("test_forward"):
@@ -41,8 +43,9 @@ def parse(data: dict):
         elif name == "test_train_step":
             timing[("train step", "", (0, 0, 0))][params["ops"]] = dict(
                 ms=bench["stats"]["median"] * 1e3, images_per_s=info.get("images_per_s"),
-                peak_mib=info.get("peak_memory_mib"), config=f"{info.get('image_size')}px, batch {info.get('batch_size')}, "
-                                                             f"ch {info.get('ch')}")
+                peak_mib=info.get("peak_memory_mib"),
+                config=f"{info.get('image_size')}px, batch {info.get('batch_size')}, ch {info.get('ch')}, "
+                       f"{info.get('amp') or 'fp32'}")
         elif name == "test_all_layers_forward_backward":
             timing[("spectral norm", "all SAGAN layers", (0, 0, 0))][params["impl"]] = dict(
                 ms=bench["stats"]["median"] * 1e3, gflops=None)
@@ -54,12 +57,12 @@ def markdown(machine, timing, memory) -> str:
     lines = [f"Device: {machine.get('cuda_device') or machine.get('cpu_model')}; torch {machine.get('torch')}, "
              f"{machine.get('torch_threads')} threads; measured fp32 matmul peak "
              f"{peak:.0f} GFLOP/s" if peak else "", ""]
-    lines += ["| mode | variant | (B, C, H=W) | eager ms | SDPA ms | compiled eager ms | fused ms | fused vs eager | "
-              "fused vs SDPA | fused GFLOP/s | % of matmul peak |", "|" + " --- |" * 11]
-    cpu_rows = {k: v for k, v in timing.items() if k[0] != "gpu"}
+    cpu_rows = {k: v for k, v in timing.items()
+                if not str(k[0]).startswith("gpu") and k[0] not in ("spectral norm", "train step")}
+    if cpu_rows:
+        lines += ["| mode | variant | (B, C, H=W) | eager ms | SDPA ms | compiled eager ms | fused ms | fused vs eager | "
+                  "fused vs SDPA | fused GFLOP/s | % of matmul peak |", "|" + " --- |" * 11]
     for (mode, variant, shape), runs in sorted(cpu_rows.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]), kv[0][2])):
-        if mode in ("spectral norm", "train step"):
-            continue
         fused = runs.get("fused")
         cell = lambda k: f"{runs[k]['ms']:.1f}" if k in runs else "-"  # noqa: E731
         ratio = lambda k: f"{runs[k]['ms'] / fused['ms']:.2f}x" if fused and k in runs else "-"  # noqa: E731
@@ -80,7 +83,8 @@ def markdown(machine, timing, memory) -> str:
                        f"({f['peak_mib'] / e['peak_mib']:.2f}x)" if f.get("peak_mib") and e.get("peak_mib") else "")
         lines += ["", f"Trainer step (D step + G step, {f['config']}): fused {f['ms']:.0f} ms, "
                       f"--ops eager {e['ms']:.0f} ms ({e['ms'] / f['ms']:.2f}x the steps/s){memory_note}."]
-    lines += gpu_grid_markdown(machine, {k[1:]: v for k, v in timing.items() if k[0] == "gpu"})
+    for table in ("gpu headline", "gpu grid"):
+        lines += gpu_markdown(machine, table, {k[1:]: v for k, v in timing.items() if k[0] == table})
     if memory:
         lines += ["", "Peak memory above the inputs, one forward+backward (MiB; OOM/failed shown as -):", "",
                   "| (B, C, H=W) | N x N map | eager | SDPA | fused | eager / fused |", "|" + " --- |" * 6]
@@ -93,29 +97,48 @@ def markdown(machine, timing, memory) -> str:
     return "\n".join(lines) + "\n"
 
 
-def gpu_grid_markdown(machine, grid) -> list[str]:
-    """One row per (mode, variant, dtype, shape): each contender's ms (or OOM), the best sagan_ext
-    backend against eager and the best SDPA, its TFLOP/s, % of the measured matmul rate, memory."""
+BF16_DENSE_PEAK_GFLOPS = 989e3  # H100/H200 SXM datasheet, dense bf16
+
+
+def gpu_markdown(machine, title, grid) -> list[str]:
+    """One row per (mode, variant, precision, shape): each contender's median ms (OOM, or err when
+    it could not run the case), the best sagan_ext kernel backend (cuda or triton) against eager,
+    the best SDPA and flex, its TFLOP/s, % of the bf16 datasheet peak and of the measured matmul
+    rate in the row's precision, and peak memory above the inputs."""
     if not grid:
         return []
     peaks = machine.get("measured_matmul_gflops_by_dtype") or {}
-    contenders = sorted({c for runs in grid.values() for c in runs})
-    lines = ["", f"GPU grid ({machine.get('cuda_device')}), fwd+bwd unless noted; ms, OOM when out of memory:", "",
-             "| mode | variant | dtype | (B, C, H=W) | " + " | ".join(contenders) +
-             " | best fused vs eager | vs best SDPA | fused TFLOP/s | % of matmul | fused / eager peak MiB |",
-             "|" + " --- |" * (len(contenders) + 9)]
-    for (mode, variant, dtype, shape), runs in sorted(grid.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        ms = {c: r["ms"] for c, r in runs.items()}
-        cells = [("OOM" if ms[c] is None else f"{ms[c]:.2f}") if c in ms else "-" for c in contenders]
-        fused = min((c for c in ("cuda", "triton") if ms.get(c)), key=lambda c: ms[c], default=None)
-        sdpa = min((c for c in ms if c.startswith("sdpa") and ms[c]), key=lambda c: ms[c], default=None)
-        ratio = lambda other: f"{ms[other] / ms[fused]:.2f}x" if fused and other and ms.get(other) else "-"  # noqa: E731
+    order = ["eager", "sdpa", "flex", "compiled_eager", "reference", "cuda", "triton"]
+    contenders = sorted({c for runs in grid.values() for c in runs}, key=lambda c: (order.index(c) if c in order else 3, c))
+    copy = machine.get("measured_copy_gb_per_s")
+    ceilings = ", ".join(f"{k} {v / 1e3:.0f}" for k, v in peaks.items())
+    lines = ["", f"{title[4:].capitalize()} ({machine.get('cuda_device')}; measured matmul TFLOP/s: {ceilings}"
+                 + (f"; copy {copy:.0f} GB/s" if copy else "") + "). Median ms; OOM: out of memory; err: the contender "
+                 "cannot run the case (its message is in the JSON):", "",
+             "| mode | variant | precision | (B, C, H=W) | " + " | ".join(contenders) +
+             " | best fused | vs eager | vs best SDPA | vs flex | TFLOP/s | % of 989 | % of measured | peak MiB fused / eager |",
+             "|" + " --- |" * (len(contenders) + 12)]
+
+    def cell(runs, c):
+        if c not in runs:
+            return "-"
+        if runs[c]["ms"] is None:
+            return "OOM" if runs[c].get("status") == "OOM" else "err"
+        return f"{runs[c]['ms']:.2f}"
+
+    for (mode, variant, dtype, shape), runs in sorted(grid.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3])):
+        ms = {c: r["ms"] for c, r in runs.items() if r["ms"]}
+        fused = min((c for c in ("cuda", "triton") if c in ms), key=lambda c: ms[c], default=None)
+        sdpa = min((c for c in ms if c.startswith("sdpa")), key=lambda c: ms[c], default=None)
+        ratio = lambda other: f"{ms[other] / ms[fused]:.2f}x" if fused and other in ms else "-"  # noqa: E731
         tflops = runs[fused]["tflops"] if fused else None
         peak = peaks.get(dtype)
         memory = (f"{runs[fused]['peak_mib']:.0f} / {runs['eager']['peak_mib']:.0f}"
-                  if fused and runs.get("eager", {}).get("peak_mib") else "-")
-        lines.append(f"| {mode} | {variant} | {dtype} | {shape} | " + " | ".join(cells) +
-                     f" | {ratio('eager')} | {ratio(sdpa)} | {f'{tflops:.1f}' if tflops else '-'} | "
+                  if fused and (runs.get("eager") or {}).get("peak_mib") else "-")
+        lines.append(f"| {mode} | {variant} | {dtype} | {shape} | " + " | ".join(cell(runs, c) for c in contenders) +
+                     f" | {fused or '-'} | {ratio('eager')} | {ratio(sdpa)} | {ratio('flex')} | "
+                     f"{f'{tflops:.1f}' if tflops else '-'} | "
+                     f"{f'{100 * tflops * 1e3 / BF16_DENSE_PEAK_GFLOPS:.1f}%' if tflops else '-'} | "
                      f"{f'{100 * tflops * 1e3 / peak:.0f}%' if tflops and peak else '-'} | {memory} |")
     return lines
 
@@ -131,7 +154,7 @@ def plots(timing, memory, stem: Path) -> list[Path]:
     written = []
     series = defaultdict(list)  # fwd+bwd, sagan, C=64: time against N
     for key, runs in timing.items():
-        if key[0] == "gpu" or len(key) != 3:
+        if str(key[0]).startswith("gpu") or len(key) != 3:
             continue
         mode, variant, (b, c, s) = key
         if mode == "fwd+bwd" and variant == "sagan" and c == 64:
@@ -162,11 +185,14 @@ def plots(timing, memory, stem: Path) -> list[Path]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("json", type=Path)
+    parser.add_argument("json", type=Path, nargs="+", help="pytest-benchmark JSON files of one machine (merged)")
+    parser.add_argument("--output", type=Path, help="the tables' file (default: the first JSON's name, .md)")
     args = parser.parse_args(argv)
-    machine, timing, memory = load(args.json)
-    stem = args.json.with_suffix("")
-    md = stem.with_suffix(".md")
+    runs = [json.loads(path.read_text()) for path in args.json]
+    machine, timing, memory = parse({"machine_info": runs[0]["machine_info"],
+                                     "benchmarks": [bench for run in runs for bench in run["benchmarks"]]})
+    md = args.output or args.json[0].with_suffix(".md")
+    stem = md.with_suffix("")
     md.write_text(markdown(machine, timing, memory))
     for path in [md, *plots(timing, memory, stem)]:
         print(f"wrote {path}")
