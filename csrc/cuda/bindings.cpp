@@ -61,10 +61,10 @@ sagan_ext::AttentionParams attention_params(const at::Tensor& q, const at::Tenso
   return p;
 }
 
-// o channel-major (B, N, dv) with strides (dv N, 1, N), as ops.py's residual and dgamma read it;
-// stats (B, 2, N) float32.
+// o (B, N, dv) contiguous, as every backend returns it and the op's fake implementation says (a
+// channel-major o failed torch.compile's stride check on the first GPU run); stats (B, 2, N) float32.
 std::tuple<at::Tensor, at::Tensor> forward_outputs(sagan_ext::AttentionParams& p, const at::Tensor& q) {
-  auto o = at::empty({p.batch, p.dv, p.n}, q.options()).transpose(1, 2);
+  auto o = at::empty({p.batch, p.n, p.dv}, q.options());
   auto stats = at::empty({p.batch, 2, p.n}, q.options().dtype(at::kFloat));
   p.o = matrix(o), p.stats = stats.data_ptr<float>();
   return {o, stats};
