@@ -310,43 +310,46 @@ PINNED = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DV=16)  # interpreter: small tiles, 
 _KEY = ["N", "M", "DK_PAD", "DV", "PRECISION"]
 
 
-def _tile(config) -> tuple[int, int, int, int, int]:
-    kw = config.kwargs
-    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_DV"], config.num_warps, config.num_stages
-
-
 def dot_kind(precision: str) -> str:
     return "fma" if precision == "ieee" else "tensor_core"
 
 
-def _pruner(tiles: dict):
-    def prune(configs, named_args, **kwargs):
-        """This dot kind's configs, less those whose tiles exceed the problem (they only add masked work)."""
-        own = [c for c in configs if _tile(c) in tiles[dot_kind(kwargs["PRECISION"])]]
-        n, m, dv = named_args["N"], named_args["M"], named_args["DV"]
-        fits = lambda block, size: block <= max(16, triton.next_power_of_2(size))  # noqa: E731
-        kept = [c for c in own if fits(c.kwargs["BLOCK_M"], n) and fits(c.kwargs["BLOCK_N"], m)
-                and fits(c.kwargs["BLOCK_DV"], dv)]
-        return kept or own[-1:]
-    return prune
+def kept_tiles(tiles: dict, precision: str, n, m, dv) -> tuple:
+    """This dot kind's tiles, less those whose blocks exceed the problem (they only add masked
+    work); the smallest if none fits. (A power-of-two block b fits a size s when b <= 16 or
+    b < 2 s, i.e. b <= max(16, next_power_of_2(s)): comparisons that symbolic sizes take too.)"""
+    own = tiles[dot_kind(precision)]
+    fits = lambda block, size: block <= 16 or 2 * size > block  # noqa: E731
+    return tuple(t for t in own if fits(t[0], n) and fits(t[1], m) and fits(t[2], dv)) or tuple(own[-1:])
 
 
 def autotuned(kernel, tiles, key=_KEY, accumulated=(), do_bench=None):
-    """`kernel` autotuned over `tiles`. The tuner times each config by running the kernel many times
-    on the call's own buffers, so every output the kernel adds to (`accumulated`: atomics into
-    buffers the caller zeroed) is zeroed before each timed run and once more before the real one;
-    without that, the first call at each new shape returns the sum of every timed run."""
+    """`kernel` autotuned over `tiles` (already pruned to the problem: a triton.autotune with
+    prune_configs_by is rebuilt by torch.compile's tracing without its reset_to_zero,
+    torch/_higher_order_ops/triton_kernel_wrap.py). The tuner times each config by running the
+    kernel many times on the call's own buffers, so every output the kernel adds to
+    (`accumulated`: atomics into buffers the caller zeroed) is zeroed before each timed run and
+    once more before the real one; without that, the first call at each new shape returns the sum
+    of every timed run."""
     configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DV=bdv), num_warps=w, num_stages=s)
-               for kind in tiles.values() for bm, bn, bdv, w, s in kind]
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _pruner(tiles)},
-                           reset_to_zero=list(accumulated) or None, do_bench=do_bench)(kernel)
+               for bm, bn, bdv, w, s in tiles]
+    return triton.autotune(configs, key=key, reset_to_zero=list(accumulated) or None, do_bench=do_bench)(kernel)
 
 
-FORWARD_TUNING = dict(kernel=_attention_forward, tiles=FORWARD_TILES, key=_KEY + ["RESIDUAL"])
-BACKWARD_TUNING = dict(kernel=_attention_backward, tiles=BACKWARD_TILES, accumulated=("DQ", "DK_OUT"))
-# the interpreter runs one pinned config (PINNED), untuned
-_forward_kernel = _attention_forward if interpreting() else autotuned(**FORWARD_TUNING)
-_backward_kernel = _attention_backward if interpreting() else autotuned(**BACKWARD_TUNING)
+FORWARD_TUNING = dict(kernel=_attention_forward, key=_KEY + ["RESIDUAL"])
+BACKWARD_TUNING = dict(kernel=_attention_backward, accumulated=("DQ", "DK_OUT"))
+_tuners: dict = {}  # (kernel name, tiles) -> its autotuner: one per pruned config list, kept for its tuning cache
+
+
+def _tuned_kernel(tuning: dict, tiles: tuple):
+    """The kernel to launch: under the interpreter the plain kernel (one pinned config, PINNED),
+    else the autotuner over `tiles`."""
+    if interpreting():
+        return tuning["kernel"]
+    name = (tuning["kernel"].__name__, tiles)
+    if name not in _tuners:
+        _tuners[name] = autotuned(tiles=tiles, **tuning)
+    return _tuners[name]
 
 
 def _precision(dtype: torch.dtype, tf32: bool) -> str:
@@ -393,8 +396,10 @@ def _forward_launches(q: Tensor, k: Tensor, v: Tensor, tf32: bool, x=None, gamma
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b, triton.cdiv(dv, meta["BLOCK_DV"]))  # noqa: E731
     args = (q, k, v, o, stats, *_strides(q), *_strides(k), *_strides(v), n, m, dk, dv,
             x if residual else o, out, gamma if residual else o, *xs)
-    kwargs = _tuned_args(DK_PAD=_dk_pad(dk), PRECISION=_precision(q.dtype, tf32), RESIDUAL=residual)
-    return [Launch(_forward_kernel, grid, args, kwargs)], (out, o, stats)
+    precision = _precision(q.dtype, tf32)
+    kernel = _tuned_kernel(FORWARD_TUNING, kept_tiles(FORWARD_TILES, precision, n, m, dv))
+    kwargs = _tuned_args(DK_PAD=_dk_pad(dk), PRECISION=precision, RESIDUAL=residual)
+    return [Launch(kernel, grid, args, kwargs)], (out, o, stats)
 
 
 def _backward_launches(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, stats: Tensor, tf32: bool):
@@ -411,7 +416,9 @@ def _backward_launches(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, s
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), b, triton.cdiv(dv, meta["BLOCK_DV"]))  # noqa: E731
     args = (q, k, v, do, stats, delta, dq, dk_, dv_, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
             n, m, dk, dv)
-    launches.append(Launch(_backward_kernel, grid, args, _tuned_args(DK_PAD=_dk_pad(dk), PRECISION=_precision(q.dtype, tf32))))
+    precision = _precision(q.dtype, tf32)
+    kernel = _tuned_kernel(BACKWARD_TUNING, kept_tiles(BACKWARD_TILES, precision, n, m, dv))
+    launches.append(Launch(kernel, grid, args, _tuned_args(DK_PAD=_dk_pad(dk), PRECISION=precision)))
     return launches, (dq, dk_, dv_)
 
 

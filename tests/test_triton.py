@@ -213,10 +213,12 @@ def test_autotuning_does_not_add_its_timed_runs_into_the_gradients(monkeypatch):
         timed.append(kernel_call)
         return [float(len(timed))] * len(quantiles)  # the first config timed "wins"
 
-    tuner = triton_kernels.autotuned(**triton_kernels.BACKWARD_TUNING, do_bench=run_three_times)
-    monkeypatch.setattr(triton_kernels, "_backward_kernel", tuner)
-    monkeypatch.setattr(triton_kernels, "PINNED", {})  # the tuner's configs pick the tiles
     (q, k, v, do), ref_grads = _core_case(DEVICE)
+    tiles = triton_kernels.kept_tiles(triton_kernels.BACKWARD_TILES, "ieee", 64, 64, 64)
+    tuner = triton_kernels.autotuned(tiles=tiles, **triton_kernels.BACKWARD_TUNING, do_bench=run_three_times)
+    monkeypatch.setattr(triton_kernels, "_tuned_kernel", lambda tuning, tiles: tuner if tuning["kernel"] is tuner.fn
+                        else tuning["kernel"])
+    monkeypatch.setattr(triton_kernels, "PINNED", {})  # the tuner's configs pick the tiles
     o, stats = reference.attention_core(q, k, v)
     grads = torch.ops.sagan_ext_triton.attention_backward(do, q, k, v, o, stats, False)
     assert len(timed) >= 2, "the autotuner did not time several configs: this test proves nothing"
@@ -230,10 +232,38 @@ def test_first_backward_after_tuning_matches_float64_on_the_gpu(dtype):
     """On a GPU, the first backward at a shape no test used before (the call that autotunes, its
     tuning cache emptied first) against float64."""
     from sagan_ext import triton_kernels
-    triton_kernels._backward_kernel.cache.clear()
+    triton_kernels._tuners.clear()  # fresh autotuners: this call tunes
     (q, k, v, do), ref_grads = _core_case("cuda", dtype, dv=192, n=1000, seed=1)
     o, stats = torch.ops.sagan_ext_triton.attention_forward(q, k, v, False)
     grads = torch.ops.sagan_ext_triton.attention_backward(do, q, k, v, o, stats, False)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
         _assert_relative(got.double().cpu(), want, tol, name)
+
+
+def test_every_autotuner_resets_what_its_kernel_accumulates(monkeypatch):
+    """Each autotuner the launch builders make (as on a GPU) declares reset_to_zero for every
+    buffer its kernel adds to with tl.atomic_add, and has no prune_configs_by: torch.compile's
+    tracing rebuilds an autotuner that has one without its reset_to_zero (found by opcheck's
+    aot_dispatch_dynamic on the first GPU run), so pruning happens before the tuner is chosen."""
+    import inspect
+    import re
+    from sagan_ext import triton_kernels
+    monkeypatch.setattr(triton_kernels, "interpreting", lambda: False)
+    monkeypatch.setattr(triton_kernels, "_tuners", {})
+    checked = 0
+    for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.float16, False)):
+        for n, m, dv in ((1, 1, 8), (63, 15, 130), (1024, 1024, 256)):
+            q, k = torch.randn(2, n, 16, dtype=dtype), torch.randn(2, m, 16, dtype=dtype)
+            v, do = torch.randn(2, m, dv, dtype=dtype), torch.randn(2, n, dv, dtype=dtype)
+            forward, (_, o, stats) = triton_kernels._forward_launches(q, k, v, tf32)
+            backward, _ = triton_kernels._backward_launches(do, q, k, v, o, stats, tf32)
+            for launch in forward + backward:
+                if not isinstance(launch.kernel, triton.runtime.Autotuner):
+                    continue
+                source = inspect.getsource(launch.kernel.base_fn)
+                accumulated = set(re.findall(r"tl\.atomic_add\((\w+)", source))
+                assert accumulated <= set(launch.kernel.reset_to_zero), (launch.kernel.base_fn.__name__, accumulated)
+                assert launch.kernel.early_config_prune is None and launch.kernel.perf_model is None
+                checked += 1
+    assert checked == 18 and {name for name, _ in triton_kernels._tuners} == {"_attention_forward", "_attention_backward"}
