@@ -52,8 +52,18 @@ def test_low_precision_like_eager(backend, dtype, variant):
         check_low_precision(backend, dtype, attention_inputs(variant, *shape, dtype=dtype, device="cuda"))
 
 
+@pytest.fixture
+def full_fp32():
+    """fp32 matmuls and cuDNN convolutions in full fp32: cuDNN's default TF32 rounds a conv's
+    operands to 10 bits, so two evaluations of one conv on weights one ulp apart differ by ~1e-3."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_spectral_norm_matches_torch(backend):
+def test_spectral_norm_matches_torch(backend, full_fp32):
     torch.manual_seed(0)
     for make, shape in ((lambda: nn.Conv2d(256, 512, 3), (2, 256, 8, 8)), (lambda: nn.Linear(1000, 7), (5, 1000))):
         theirs = torch.nn.utils.spectral_norm(make().cuda())
@@ -115,6 +125,7 @@ def test_attention_core_kernels_match_float64(path, channel_major):
         l64 = torch.exp(s - m64[..., None]).sum(-1).detach()
         o64 = o64.detach()
         shape = (path, b, n, m, dk, dv)
+        assert o.is_contiguous() and stats.is_contiguous(), "every backend returns o (B, N, dv) contiguous"
         for t in (out, o, stats, dq, dk_, dv_):
             assert torch.isfinite(t).all(), shape
         assert _relative(o, o64) < tol, shape
@@ -149,25 +160,26 @@ def test_float32_large_logits_as_accurate_as_eager(variant, x_scale):
     check_large_logits("cuda", variant, x_scale, device="cuda")
 
 
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("variant", ["sagan", "biggan"])
-def test_tf32_block_matches_float64_reference(variant):
-    """fp32 with TF32 allowed runs the tensor-core kernels: TF32's 10-bit operands, so 5e-3."""
+def test_tf32_block_like_eager_tf32(backend, variant):
+    """fp32 with TF32 allowed (tensor cores, 10-bit operands): against float64, at most twice the
+    eager block's own error with TF32 allowed, plus 1e-2, as for bf16/fp16. The first GPU run
+    measured dx at 1.2e-2 (BigGAN block, 2x256x32x32): a fixed 5e-3 was below what TF32 itself does."""
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
         for shape in ((2, 64, 15, 20), (2, 256, 32, 32)):
-            inputs = attention_inputs(variant, *shape, dtype=torch.float32, device="cuda")
             poison_allocator()
-            out, grads = attention_grads(inputs, "cuda")
-            ref_out, ref_grads = reference_grads({k: v.detach().double().requires_grad_() for k, v in inputs.items()})
-            _assert_relative(out, ref_out, 5e-3, f"{shape} out")
-            _assert_grads(grads, ref_grads, 5e-3)
+            check_low_precision(backend, torch.float32, attention_inputs(variant, *shape, dtype=torch.float32, device="cuda"))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
-def test_auto_picks_cuda_and_compile_fullgraph_matches_eager():
+def test_auto_picks_the_measured_fastest_and_compile_fullgraph_matches_eager():
     from sagan_ext.backends import select
-    assert select("auto", torch.device("cuda"), torch.float16).name == "cuda"
+    for dtype, tf32, fastest in ((torch.float16, False, "triton"), (torch.bfloat16, False, "triton"),
+                                 (torch.float32, True, "triton"), (torch.float32, False, "cuda")):
+        assert select("auto", torch.device("cuda"), dtype, tf32).name == fastest, (dtype, tf32)
     from test_api import TinyDiscriminator
     torch.manual_seed(0)
     eager, compiled = TinyDiscriminator().cuda(), TinyDiscriminator().cuda()
