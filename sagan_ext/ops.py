@@ -57,7 +57,7 @@ def attention_forward(
     `tf32`: fp32 products may run as TF32 on GPUs (torch.backends.cuda.matmul.allow_tf32 at the
     call). It is an argument, not read from the flag inside, so that the backward recomputes the
     scores with the forward's arithmetic even if the flag changed in between."""
-    kernels = select(backend, x.device, x.dtype)
+    kernels = select(backend, x.device, x.dtype, tf32)
     q, k, v, _, _ = _projections(x, wq, bq, wk, bk, wv, bv, pool)
     h, w = x.shape[-2:]
     if wo is None and hasattr(kernels, "attention_forward_residual") and (h == 1 or x.stride(2) == w * x.stride(3)):
@@ -84,7 +84,7 @@ def attention_backward(
     pool: bool, backend: str, tf32: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dgamma); an absent input gets an empty tensor."""
-    kernels = select(backend, x.device, x.dtype)
+    kernels = select(backend, x.device, x.dtype, tf32)
     b, c, h, w = x.shape
     sizes = [wq.shape[0], wk.shape[0], wv.shape[0]]  # query, key and value channels
     # Recompute the projections (one GEMM) rather than keep them alive since the forward.
