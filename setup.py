@@ -20,10 +20,9 @@ if os.environ.get("SAGAN_EXT_BUILD_EXTENSIONS") == "1":
         cuda_sources = sorted(str(p.relative_to(ROOT)) for p in cuda_dir.glob("*.cu")) + ["csrc/cuda/bindings.cpp"]
         ext_modules.append(CUDAExtension(
             "sagan_ext._C_cuda", cuda_sources, include_dirs=[str(cuda_dir)],
-            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-gencode=arch=compute_80,code=sm_80",
-                                                         "-gencode=arch=compute_90,code=sm_90",
-                                                         # PTX too, which newer GPUs compile at load
-                                                         "-gencode=arch=compute_90,code=compute_90"]}))
+            extra_compile_args={"cxx": ["-O3"], "nvcc": (cuda_dir / "nvcc_flags.txt").read_text().split() + [
+                "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                "-gencode=arch=compute_90,code=compute_90"]}))  # PTX too, which newer GPUs compile at load
     cmdclass = {"build_ext": BuildExtension}
 
 setup(
@@ -35,7 +34,8 @@ setup(
     python_requires=">=3.9",
     packages=["sagan_ext", "sagan_ext.csrc"],
     package_dir={"sagan_ext.csrc": "csrc"},
-    package_data={"sagan_ext.csrc": ["*.h", "cpu/*.h", "cpu/*.cpp", "cuda/*.h", "cuda/*.cu", "cuda/*.cuh", "cuda/*.cpp"]},
+    package_data={"sagan_ext.csrc": ["*.h", "cpu/*.h", "cpu/*.cpp", "cuda/*.h", "cuda/*.cu", "cuda/*.cuh", "cuda/*.cpp",
+                                     "cuda/*.txt"]},
     install_requires=["torch>=2.4", "numpy", "ninja", "pillow", "tqdm"],
     entry_points={"console_scripts": ["sagan-train = sagan_ext.train:main", "sagan-sample = sagan_ext.train:sample_main"]},
     extras_require={

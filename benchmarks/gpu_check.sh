@@ -62,8 +62,10 @@ build() {
   "$PY" -c "from sagan_ext import _build; print('cpu kernels:', _build.load('cpu') or 'built and loaded')" \
     > "$WORK/cpu_build.txt" 2>&1 &
   local cpu_build=$!
-  nvcc -O3 -std=c++17 -gencode=arch=compute_90,code=sm_90 -lineinfo -Icsrc/cuda -c benchmarks/sanitizer_cases.cu \
-    -o "$WORK/sanitizer_cases.o" > "$WORK/sanitizer_build.txt" 2>&1 &
+  { nvcc -O3 -std=c++17 -gencode=arch=compute_90,code=sm_90 -lineinfo -Icsrc/cuda -Itests/cuda -c benchmarks/sanitizer_cases.cu \
+      -o "$WORK/sanitizer_cases.o" &&
+    nvcc -O3 -std=c++17 --use_fast_math -gencode=arch=compute_90,code=sm_90 -lineinfo -Icsrc/cuda -Itests/cuda \
+      -c tests/cuda/ptx_selftest.cu -o "$WORK/ptx_selftest.o"; } > "$WORK/sanitizer_build.txt" 2>&1 &
   local sanitizer_build=$!
   timeout "$(until_share 30)" "$PY" - <<'EOF' 2>&1 | tee -a "$OUT/versions.txt"
 import time
@@ -84,7 +86,7 @@ EOF
   wait $sanitizer_build; cat "$WORK/sanitizer_build.txt" | tee -a "$OUT/versions.txt"
   echo "sanitizer program from: $(echo $objects | tr '\n' ' ')" | tee -a "$OUT/versions.txt"
   if timeout "$(until_share 40)" nvcc -O3 -std=c++17 -gencode=arch=compute_90,code=sm_90 -lineinfo -Icsrc/cuda \
-       "$WORK/sanitizer_cases.o" $objects -o "$WORK/sanitizer_cases" 2>&1 | tee -a "$OUT/versions.txt"; then
+       "$WORK/sanitizer_cases.o" "$WORK/ptx_selftest.o" $objects -o "$WORK/sanitizer_cases" 2>&1 | tee -a "$OUT/versions.txt"; then
     [ -x "$WORK/sanitizer_cases" ] && echo "sanitizer program built" || RESULT[build]=FAILED
   else
     RESULT[build]=FAILED

@@ -1,9 +1,12 @@
-// Small cases of every CUDA kernel in csrc/cuda, for compute-sanitizer (memcheck, racecheck,
-// initcheck, synccheck). No torch: the sanitizer instruments these kernels alone and the program
-// starts in a second. Every tensor is its own cudaMalloc of exactly its size, so a read or write
-// one element past any of them is caught. Exit status 0 when every launch succeeded and every
+// Small cases of every CUDA kernel in csrc/cuda (and the test-only fragment-loader self-test), for
+// compute-sanitizer (memcheck, racecheck, initcheck, synccheck). No torch: the sanitizer
+// instruments these kernels alone and the program starts in a second. Every tensor is its own
+// cudaMalloc of exactly its size, so a read or write one element past any of them is caught; the
+// tensor-core paths get q, k, v and dO as the binding hands them over (channel-major, positions
+// padded with zeros to whole 16-byte chunks). Exit status 0 when every launch succeeded and every
 // output is finite. benchmarks/gpu_check.sh links it with the JIT build's kernel objects; by hand:
-//   nvcc -O3 -std=c++17 -arch=sm_90 -Icsrc/cuda benchmarks/sanitizer_cases.cu csrc/cuda/*.cu -o sanitizer_cases
+//   nvcc -O3 -std=c++17 -arch=sm_90 -Icsrc/cuda -Itests/cuda benchmarks/sanitizer_cases.cu \
+//        tests/cuda/ptx_selftest.cu csrc/cuda/*.cu -o sanitizer_cases
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -11,10 +14,12 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <random>
 #include <vector>
 
 #include "kernels.h"
+#include "ptx_selftest.h"
 
 namespace {
 
@@ -55,6 +60,7 @@ struct Tensor {
   DType dtype = DType::kFloat32;
   Tensor(size_t n, DType t, std::mt19937& rng, float scale) : count(n), dtype(t) {
     check(cudaMalloc(&ptr, n * element_size(t)), "cudaMalloc");
+    if (scale < 0) check(cudaMemset(ptr, 0, n * element_size(t)), "cudaMemset");  // zeros
     if (scale > 0) {
       std::normal_distribution<float> normal(0.f, scale);
       std::vector<char> host(n * element_size(t));
@@ -83,40 +89,69 @@ const char* dtype_name(DType t, bool tf32) {
   return t == DType::kFloat32 ? (tf32 ? "tf32" : "fp32") : t == DType::kFloat16 ? "fp16" : "bf16";
 }
 
-// (B, rows, cols) strides: channel-major views as ops.py passes them (positions contiguous), or
-// position-major (channels contiguous).
-sagan_ext::Matrix matrix(const Tensor& t, int rows, int cols, bool channel_major) {
-  const int64_t batch = static_cast<int64_t>(rows) * cols;
-  return channel_major ? sagan_ext::Matrix{t.ptr, batch, 1, rows} : sagan_ext::Matrix{t.ptr, batch, cols, 1};
+// A (B, rows, cols) operand: channel-major (positions contiguous, `pitch` positions per channel
+// row) as ops.py passes them, or position-major (channels contiguous).
+sagan_ext::Matrix matrix(const Tensor& t, int rows, int cols, bool channel_major, int pitch) {
+  return channel_major ? sagan_ext::Matrix{t.ptr, int64_t(pitch) * cols, 1, pitch}
+                       : sagan_ext::Matrix{t.ptr, int64_t(rows) * cols, cols, 1};
 }
 
 void attention_case(DType dtype, bool tf32, int b, int n, int m, int dk, int dv, bool channel_major, bool residual,
-                    std::mt19937& rng) {
-  char what[160];
-  std::snprintf(what, sizeof what, "attention %s B=%d N=%d M=%d dk=%d dv=%d %s%s", dtype_name(dtype, tf32), b, n, m,
-                dk, dv, channel_major ? "channel-major" : "position-major", residual ? " +residual" : "");
+                    bool deterministic, std::mt19937& rng) {
+  sagan_ext::AttentionParams p;
+  p.batch = b, p.n = n, p.m = m, p.dk = dk, p.dv = dv, p.dtype = dtype, p.tf32 = tf32;
+  const bool tensor_cores = sagan_ext::uses_tensor_cores(p);
+  channel_major = channel_major || tensor_cores;  // the binding's channel_major() copy
+  const int chunk = 16 / static_cast<int>(element_size(dtype));
+  const int n_pitch = tensor_cores ? (n + chunk - 1) / chunk * chunk : n;
+  const int m_pitch = tensor_cores ? (m + chunk - 1) / chunk * chunk : m;
+  char what[200];
+  std::snprintf(what, sizeof what, "attention %s B=%d N=%d M=%d dk=%d dv=%d %s%s%s", dtype_name(dtype, tf32), b, n, m,
+                dk, dv, channel_major ? "channel-major" : "position-major", residual ? " +residual" : "",
+                deterministic ? " deterministic" : "");
   const float qk_scale = std::pow(9.f / dk, 0.25f);  // scores with standard deviation 3
-  Tensor q(size_t(b) * n * dk, dtype, rng, qk_scale), k(size_t(b) * m * dk, dtype, rng, qk_scale);
-  Tensor v(size_t(b) * m * dv, dtype, rng, 1.f), d_o(size_t(b) * n * dv, dtype, rng, 1.f);
+  // padded positions hold zeros, as the binding's copies do
+  const auto input = [&](int rows, int pitch, int cols, float scale) {
+    auto t = std::make_unique<Tensor>(size_t(b) * pitch * cols, dtype, rng, -1.f);
+    Tensor values(size_t(b) * rows * cols, dtype, rng, scale);
+    for (int bi = 0; bi < b; ++bi)  // rows x cols values into [channel][pitch] (or [row][col]) storage
+      check(cudaMemcpy2D(static_cast<char*>(t->ptr) + size_t(bi) * pitch * cols * element_size(dtype),
+                         (channel_major ? pitch : cols) * element_size(dtype),
+                         static_cast<char*>(values.ptr) + size_t(bi) * rows * cols * element_size(dtype),
+                         (channel_major ? rows : cols) * element_size(dtype), (channel_major ? rows : cols) * element_size(dtype),
+                         channel_major ? cols : rows, cudaMemcpyDeviceToDevice),
+            "cudaMemcpy2D");
+    return t;
+  };
+  const auto q = input(n, n_pitch, dk, qk_scale), k = input(m, m_pitch, dk, qk_scale);
+  const auto v = input(m, m_pitch, dv, 1.f), d_o = input(n, n_pitch, dv, 1.f);
   Tensor o(size_t(b) * n * dv, dtype, rng, 0.f), stats(size_t(b) * 2 * n, DType::kFloat32, rng, 0.f);
   Tensor x(size_t(b) * dv * n, dtype, rng, 1.f), out(size_t(b) * dv * n, dtype, rng, 0.f), gamma(1, dtype, rng, 1.f);
   Tensor delta(size_t(b) * n, DType::kFloat32, rng, 0.f);
-  Tensor dq(q.count, dtype, rng, 0.f), dk_out(k.count, dtype, rng, 0.f), dv_out(v.count, dtype, rng, 0.f);
+  Tensor dq(size_t(b) * n * dk, dtype, rng, 0.f), dq_accum(size_t(b) * n * dk, DType::kFloat32, rng, -1.f);
+  Tensor dk_out(size_t(b) * m * dk, dtype, rng, 0.f), dv_out(size_t(b) * m * dv, dtype, rng, 0.f);
+  Tensor turns(size_t(b) * ((n + sagan_ext::kBackwardQueryBlock - 1) / sagan_ext::kBackwardQueryBlock + 1), DType::kFloat32,
+               rng, -1.f);  // int32 counters, zeroed
 
-  sagan_ext::AttentionParams p;
-  p.q = matrix(q, n, dk, channel_major), p.k = matrix(k, m, dk, channel_major), p.v = matrix(v, m, dv, channel_major);
-  p.batch = b, p.n = n, p.m = m, p.dk = dk, p.dv = dv, p.dtype = dtype, p.tf32 = tf32;
-  p.o = matrix(o, n, dv, true), p.stats = stats.f();  // o channel-major, as the binding allocates it
+  p.q = matrix(*q, n, dk, channel_major, n_pitch), p.k = matrix(*k, m, dk, channel_major, m_pitch);
+  p.v = matrix(*v, m, dv, channel_major, m_pitch);
+  p.o = matrix(o, n, dv, false, n), p.stats = stats.f();  // o (B, N, dv) contiguous, as the binding allocates it
   if (residual) {  // x, out (B, dv, N) contiguous: (batch, channel, position) strides
     p.x = {x.ptr, int64_t(dv) * n, n, 1}, p.out = {out.ptr, int64_t(dv) * n, n, 1}, p.gamma = gamma.ptr;
   }
   check(sagan_ext::attention_forward(p, nullptr), what);
   check(cudaDeviceSynchronize(), what);
-  p.d_o = matrix(d_o, n, dv, channel_major), p.delta = delta.f();
-  p.dq = matrix(dq, n, dk, false), p.dk_out = matrix(dk_out, m, dk, false), p.dv_out = matrix(dv_out, m, dv, false);
+  p.d_o = matrix(*d_o, n, dv, channel_major, n_pitch), p.delta = delta.f();
+  p.dk_out = matrix(dk_out, m, dk, false, m), p.dv_out = matrix(dv_out, m, dv, false, m);
+  if (tensor_cores) {
+    p.dq_accum = dq_accum.f();
+    if (deterministic) p.dq_turn = static_cast<int*>(turns.ptr);
+  } else {
+    p.dq = matrix(dq, n, dk, false, n);
+  }
   check(sagan_ext::attention_backward(p, nullptr), what);
   check(cudaDeviceSynchronize(), what);
-  expect_finite(o, what, "o"), expect_finite(stats, what, "stats"), expect_finite(dq, what, "dq");
+  expect_finite(o, what, "o"), expect_finite(stats, what, "stats"), expect_finite(tensor_cores ? dq_accum : dq, what, "dq");
   expect_finite(dk_out, what, "dk"), expect_finite(dv_out, what, "dv");
   if (residual) expect_finite(out, what, "out");
   std::printf("ok  %s\n", what);
@@ -149,7 +184,7 @@ void ptx_case(DType dtype, bool tf32, int variant, std::mt19937& rng) {
   char what[80];
   std::snprintf(what, sizeof what, "ptx_mma_selftest %s variant %d", dtype_name(dtype, tf32), variant);
   const int kk = dtype == DType::kFloat32 ? 8 : 16;
-  Tensor a(16 * kk, dtype, rng, 1.f), bm(kk * 8, dtype, rng, 1.f), d(16 * 8, DType::kFloat32, rng, 0.f);
+  Tensor a(16 * kk, dtype, rng, 1.f), bm(kk * 16, dtype, rng, 1.f), d(16 * 16, DType::kFloat32, rng, 0.f);
   check(sagan_ext::ptx_mma_selftest(a.ptr, bm.ptr, d.f(), dtype, tf32, variant, nullptr), what);
   check(cudaDeviceSynchronize(), what);
   expect_finite(d, what, "d");
@@ -164,19 +199,20 @@ int main() {
   const Path paths[] = {{DType::kFloat32, false}, {DType::kFloat32, true}, {DType::kFloat16, false},
                         {DType::kBFloat16, false}};
   for (const Path& path : paths) {
-    // one key; ragged N = M with the residual epilogue; pooled M = N / 4; dk 8..64 buckets; dv to 256
-    attention_case(path.dtype, path.tf32, 1, 1, 1, 8, 8, true, false, rng);
-    attention_case(path.dtype, path.tf32, 2, 63, 63, 24, 130, true, true, rng);
-    attention_case(path.dtype, path.tf32, 1, 63, 15, 64, 8, false, false, rng);
-    attention_case(path.dtype, path.tf32, 1, 300, 75, 32, 256, false, true, rng);
+    // one key; ragged N = M with the residual epilogue; pooled M = N / 4; dk 8..64 buckets; dv to
+    // 512 (the wide backward); the ordered (deterministic) dQ
+    attention_case(path.dtype, path.tf32, 1, 1, 1, 8, 8, true, false, false, rng);
+    attention_case(path.dtype, path.tf32, 2, 63, 63, 24, 130, true, true, false, rng);
+    attention_case(path.dtype, path.tf32, 1, 63, 15, 64, 8, false, false, false, rng);
+    attention_case(path.dtype, path.tf32, 1, 300, 75, 32, 256, false, true, false, rng);
+    attention_case(path.dtype, path.tf32, 1, 130, 70, 16, 512, true, false, false, rng);
+    attention_case(path.dtype, path.tf32, 2, 130, 150, 32, 64, true, false, true, rng);
+    if (path.dtype == DType::kFloat32 && path.tf32) continue;  // the spectral norm takes no TF32
     spectral_norm_case(path.dtype, 63, 300, 304, 1, rng);
     spectral_norm_case(path.dtype, 300, 17, 17, 0, rng);
-    if (path.dtype == DType::kFloat32) {
-      if (path.tf32) ptx_case(DType::kFloat32, true, 0, rng), ptx_case(DType::kFloat32, true, 1, rng);
-    } else {
-      for (int variant = 0; variant < 4; ++variant) ptx_case(path.dtype, false, variant, rng);
-    }
   }
+  for (DType dtype : {DType::kFloat16, DType::kBFloat16, DType::kFloat32})
+    for (int variant = 0; variant < sagan_ext::kPtxSelftestVariants; ++variant) ptx_case(dtype, dtype == DType::kFloat32, variant, rng);
   if (failures) std::fprintf(stderr, "%d case(s) produced non-finite outputs\n", failures);
   std::printf("sanitizer_cases: %s\n", failures ? "FAILED" : "done");
   return failures ? 1 : 0;

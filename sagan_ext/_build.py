@@ -38,7 +38,14 @@ def cuda_sources(root: Path) -> list[str]:
 # need it to vectorise. -fopenmp: at::parallel_for is inline OpenMP in the torch headers.
 CPU_CFLAGS = ["-O3", "-fopenmp", "-march=native", "-DNDEBUG"]
 CPU_PORTABLE_CFLAGS = ["-O3", "-fopenmp", "-DNDEBUG"]  # ahead-of-time wheels
-CUDA_FLAGS = ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"]
+def nvcc_flags() -> list[str]:
+    """csrc/cuda/nvcc_flags.txt: the CUDA flags of every build (this JIT build, setup.py's wheels,
+    CMakeLists.txt's CI compile check), one place. torch adds its COMMON_NVCC_FLAGS to the first two;
+    CMakeLists.txt names them itself."""
+    return (csrc_dir() / "cuda" / "nvcc_flags.txt").read_text().split()
+
+
+CUDA_FLAGS = nvcc_flags()
 
 
 def _device_arch_flags() -> list[str]:

@@ -83,7 +83,7 @@ def test_unchanged_sources_do_not_rebuild(capsys):
     assert "compiling" not in capsys.readouterr().err
 
 
-def test_cmake_compiles_the_cuda_kernels_with_the_jit_builds_flags():
+def test_every_build_compiles_the_cuda_kernels_with_the_same_flags():
     """The JIT build (cpp_extension.load, what a GPU user runs) compiles the .cu files with torch's
     COMMON_NVCC_FLAGS, which remove __half/__nv_bfloat16's float conversions; the CMake build in
     CI must use them too, or a kernel that compiles in CI fails to build on every GPU machine
@@ -94,3 +94,7 @@ def test_cmake_compiles_the_cuda_kernels_with_the_jit_builds_flags():
     kernel_options = cmake.split("target_compile_options(sagan_ext_cuda_kernels", 1)[1].split(")", 1)[0]
     missing = [flag for flag in cpp_extension.COMMON_NVCC_FLAGS if flag not in kernel_options.split()]
     assert not missing, f"CMakeLists.txt's CUDA kernel flags lack torch's JIT flags {missing}"
+    # and the project's own flags come from the one list the JIT build and setup.py read
+    assert "${SAGAN_EXT_NVCC_FLAGS}" in kernel_options.split() and "nvcc_flags.txt" in cmake
+    assert "nvcc_flags.txt" in (Path(__file__).resolve().parent.parent / "setup.py").read_text()
+    assert _build.CUDA_FLAGS == (_build.csrc_dir() / "cuda" / "nvcc_flags.txt").read_text().split()

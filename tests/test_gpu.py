@@ -2,6 +2,8 @@
 float64-upcast inputs, fp32/bf16/fp16, odd shapes, outputs allocated in NaN-poisoned memory (an
 element a kernel forgets to write stays NaN); spectral norm against torch's; torch.compile
 through the CUDA path. benchmarks/gpu_check.sh runs these on the lent GPU."""
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -136,20 +138,68 @@ def test_attention_core_kernels_match_float64(path, channel_major):
             assert _relative(got, want) < tol, (name, shape)
 
 
+@pytest.mark.parametrize("path", ["tf32", "fp16", "bf16"])
+def test_deterministic_mode_is_bitwise_repeatable(path):
+    """torch.use_deterministic_algorithms(True): the tensor-core backward adds dQ in key-block
+    order (per-query-block counters), so two runs are bitwise equal; and the result is the atomic
+    mode's to rounding. Several key blocks add to every dQ row here (M = 300, 64-key blocks)."""
+    ops, (dtype, tf32, tol) = _core_ops(), CUDA_PATHS[path]
+    torch.manual_seed(0)
+    b, n, m, dk, dv = 2, 200, 300, 24, 130
+    q, k, v, do = (torch.randn(*shape, device="cuda").to(dtype) for shape in ((b, n, dk), (b, m, dk), (b, m, dv), (b, n, dv)))
+    stream = torch.cuda.current_stream().cuda_stream
+    o, stats = ops.attention_forward(q, k, v, tf32, stream)
+    atomic = ops.attention_backward(do, q, k, v, o, stats, tf32, stream)
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [ops.attention_backward(do, q, k, v, o, stats, tf32, stream) for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for run in runs[1:]:
+        for name, got, first in zip(("dq", "dk", "dv"), run, runs[0]):
+            assert torch.equal(got, first), f"{name} differs between deterministic runs"
+    for name, got, other in zip(("dq", "dk", "dv"), runs[0], atomic):
+        assert _relative(got, other.double()) < tol, name
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mean_shifted_features_like_eager(backend, dtype):
+    """GAN features are not zero-mean: x shifted by +3 (so v and dO too) in fp16/bf16, against
+    float64 within twice eager's own error (a dS rounded per value tile grew with the mean)."""
+    for variant in ("sagan", "biggan"):
+        inputs = attention_inputs(variant, 2, 256, 32, 32, dtype=dtype, device="cuda")
+        with torch.no_grad():
+            inputs["x"].add_(3.0)
+        poison_allocator()
+        check_low_precision(backend, dtype, inputs)
+
+
+@pytest.fixture(scope="module")
+def ptx_selftest():
+    """The test-only fragment-loader self-test (tests/cuda), built for this GPU beside the library."""
+    from torch.utils import cpp_extension
+    from sagan_ext import _build
+    _core_ops()  # the library's own build first: the same flags
+    here = Path(__file__).resolve().parent / "cuda"
+    cpp_extension.load(name="sagan_ext_ptx_selftest", sources=[str(here / "ptx_selftest.cu"), str(here / "ptx_selftest_binding.cpp")],
+                       extra_include_paths=[str(_build.csrc_dir() / "cuda"), str(here)], is_python_module=False,
+                       extra_cuda_cflags=_build.CUDA_FLAGS + _build._device_arch_flags(), verbose=False)
+    return torch.ops.sagan_ext_test.ptx_mma_selftest
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("variant", [0, 1, 2, 3])
-def test_ptx_wrappers_fragment_layouts(dtype, variant):
-    """One mma through each PTX wrapper path (ldmatrix x4/x2/x1, .trans, cp.async, packing, cvt to
-    tf32) against torch.matmul, on values every format holds exactly (so the result is exact): a
-    wrong fragment layout moves elements and fails here before it can hide in attention's error."""
-    if dtype == torch.float32 and variant > 1:
-        pytest.skip("variants 2 and 3 pack 16-bit A fragments from registers; tf32 has no packed form")
-    ops = _core_ops()
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4])
+def test_fragment_loaders_match_matmul(ptx_selftest, dtype, variant):
+    """One mma per n-tile through each of the tensor-core kernels' fragment loaders (ldmatrix x4 /
+    x2, .trans, cp.async, packing from an accumulator, cvt to TF32) against torch.matmul, on
+    values every format holds exactly (so the result is exact): a wrong fragment layout moves
+    elements and fails here before it can hide in attention's error."""
     kk = 8 if dtype == torch.float32 else 16
     torch.manual_seed(variant)
     a = (torch.randint(-8, 9, (16, kk)) / 4).to("cuda", dtype)
-    b = (torch.randint(-8, 9, (kk, 8)) / 4).to("cuda", dtype)
-    d = ops.ptx_mma_selftest(a, b, dtype == torch.float32, variant, torch.cuda.current_stream().cuda_stream)
+    b = (torch.randint(-8, 9, (kk, 16)) / 4).to("cuda", dtype)
+    d = ptx_selftest(a, b, dtype == torch.float32, variant, torch.cuda.current_stream().cuda_stream)
     torch.testing.assert_close(d, torch.matmul(a.double(), b.double()).float(), rtol=0, atol=0)
 
 

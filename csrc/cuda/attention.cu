@@ -1,5 +1,6 @@
 // Fused SAGAN attention core on CUDA cores (FFMA, float32 accumulation): the path for float32
-// without TF32 (fp16/bf16 and TF32 run the tensor-core kernels of attention_mma.cu). One query (forward, dQ) or key (dV, dK) row per thread; the other side's rows are
+// without TF32 (fp16/bf16 and TF32 run the tensor-core kernels of attention_mma.cu; kernels.h's
+// uses_tensor_cores says which), and the routing between the two. One query (forward, dQ) or key (dV, dK) row per thread; the other side's rows are
 // staged through shared memory kTile at a time, where every thread reads the same element (a
 // broadcast). The query/key dim is padded to DK (16 or 64) in registers with zeros, never in memory.
 // The value dim is tiled across blocks (kDvTile) in the forward and dV, recomputing the cheap
@@ -227,16 +228,37 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(AttentionParams 
     if (d < p.dk) store(dq.at(row, d), acc[d]);
 }
 
-// delta[b, i] = sum_c dO[b, i, c] * O[b, i, c]: one row per thread, so that channel-major dO and O
-// (positions contiguous) load coalesced.
+// delta[b, i] = sum_c dO[b, i, c] O[b, i, c], 32 rows per block of 256 threads. o is (B, N, dv)
+// contiguous and dO usually channel-major (positions contiguous): each 32 x 32 (row, channel)
+// patch is read into shared memory along whichever index is contiguous in each operand, so that
+// both reads are coalesced, then each row's products are summed by 8 threads.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) attention_delta_kernel(AttentionParams p) {
-  const int b = blockIdx.y, row = blockIdx.x * kThreads + threadIdx.x;
-  if (row >= p.n) return;
+__global__ void __launch_bounds__(256) attention_delta_kernel(AttentionParams p) {
+  constexpr int kRows = 32;
+  __shared__ float o_s[kRows][kRows + 1], do_s[kRows][kRows + 1];  // [row][channel], padded against bank conflicts
+  const int b = blockIdx.y, r0 = blockIdx.x * kRows, x = threadIdx.x % 32, y = threadIdx.x / 32;
   const BatchView<const T> o(p.o, b), d_o(p.d_o, b);
+  const auto stage = [&](float (&dst)[kRows][kRows + 1], const BatchView<const T>& src, int c0) {
+    const bool rows_contiguous = src.row_stride == 1;
+#pragma unroll
+    for (int i = 0; i < kRows / 8; ++i) {
+      const int r = rows_contiguous ? x : y * (kRows / 8) + i, c = rows_contiguous ? y * (kRows / 8) + i : x;
+      dst[r][c] = (r0 + r < p.n && c0 + c < p.dv) ? load(src.at(r0 + r, c0 + c)) : 0.f;
+    }
+  };
+  const int row = threadIdx.x / 8, part = threadIdx.x % 8;  // 8 threads per row, 4 channels each per patch
   float acc = 0.f;
-  for (int c = 0; c < p.dv; ++c) acc = fmaf(load(o.at(row, c)), load(d_o.at(row, c)), acc);
-  p.delta[static_cast<int64_t>(b) * p.n + row] = acc;
+  for (int c0 = 0; c0 < p.dv; c0 += kRows) {
+    __syncthreads();
+    stage(o_s, o, c0), stage(do_s, d_o, c0);
+    __syncthreads();
+#pragma unroll
+    for (int c = 4 * part; c < 4 * part + 4; ++c) acc = fmaf(o_s[row][c], do_s[row][c], acc);
+  }
+  acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+  acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+  acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+  if (part == 0 && r0 + row < p.n) p.delta[static_cast<int64_t>(b) * p.n + r0 + row] = acc;
 }
 
 // dk <= 16 runs the narrow instantiation; up to kMaxQueryKeyDim the wide one (two per kernel and
@@ -253,8 +275,9 @@ int blocks(int n, int per_block) { return (n + per_block - 1) / per_block; }
 }  // namespace
 
 cudaError_t attention_delta(const AttentionParams& p, cudaStream_t stream) {
+  if (p.n == 0) return cudaSuccess;
   return dispatch_dtype(p.dtype, [&](auto type) {
-    attention_delta_kernel<decltype(type)><<<dim3(blocks(p.n, kThreads), p.batch), kThreads, 0, stream>>>(p);
+    attention_delta_kernel<decltype(type)><<<dim3(blocks(p.n, 32), p.batch), 256, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }
@@ -262,7 +285,7 @@ cudaError_t attention_delta(const AttentionParams& p, cudaStream_t stream) {
 cudaError_t attention_forward(const AttentionParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.n == 0) return cudaSuccess;
   if (p.m <= 0 || p.dv <= 0 || p.batch > 65535) return cudaErrorInvalidValue;
-  if (p.dtype != DType::kFloat32 || p.tf32) return attention_forward_mma(p, stream);
+  if (uses_tensor_cores(p)) return attention_forward_mma(p, stream);
   return dispatch_dk(p.dk, [&](auto dk) {
     const dim3 grid(blocks(p.n, kThreads), p.batch, blocks(p.dv, kDvTile));
     attention_forward_kernel<float, decltype(dk)::value><<<grid, kThreads, 0, stream>>>(p);
@@ -270,16 +293,17 @@ cudaError_t attention_forward(const AttentionParams& p, cudaStream_t stream) {
   });
 }
 
+// With N = 0 the backward still runs: dK and dV are then zero, and written.
 cudaError_t attention_backward(const AttentionParams& p, cudaStream_t stream) {
-  if (p.batch == 0 || p.n == 0) return cudaSuccess;
+  if (p.batch == 0) return cudaSuccess;
   if (p.m <= 0 || p.dv <= 0 || p.batch > 65535) return cudaErrorInvalidValue;
   if (const cudaError_t e = attention_delta(p, stream); e != cudaSuccess) return e;
-  if (p.dtype != DType::kFloat32 || p.tf32) return attention_backward_mma(p, stream);
+  if (uses_tensor_cores(p)) return attention_backward_mma(p, stream);
   return dispatch_dk(p.dk, [&](auto dk) {
     constexpr int DK = decltype(dk)::value;
     attention_dv_kernel<float, DK><<<dim3(blocks(p.m, kThreads), p.batch, blocks(p.dv, kDvTile)), kThreads, 0, stream>>>(p);
     attention_dk_kernel<float, DK><<<dim3(blocks(p.m, kThreads), p.batch), kThreads, 0, stream>>>(p);
-    attention_dq_kernel<float, DK><<<dim3(blocks(p.n, kThreads), p.batch), kThreads, 0, stream>>>(p);
+    if (p.n > 0) attention_dq_kernel<float, DK><<<dim3(blocks(p.n, kThreads), p.batch), kThreads, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }

@@ -41,6 +41,23 @@ sagan_ext::Matrix matrix(const at::Tensor& t) {
   return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
+// The tensor-core kernels read a (B, N, d) operand channel-major (positions contiguous) in whole
+// 16-byte chunks: rows starting on 16 bytes and N a multiple of 8 (fp16/bf16) or 4 (fp32), as
+// ops.py's projection GEMM leaves q, k, v and dO for such N. Any other tensor is copied into that
+// layout with zeros up to the next multiple (mma.cuh's ChannelStager reads them): O(N d), against
+// the attention's O(N^2 d).
+at::Tensor channel_major(const at::Tensor& t) {
+  const int64_t align = 16 / t.element_size();
+  const bool ready = t.size(1) % align == 0 && (t.size(1) == 1 || t.stride(1) == 1) && t.stride(2) % align == 0 &&
+                     (t.size(0) == 1 || t.stride(0) % align == 0) && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  if (ready) return t;
+  const int64_t padded = (t.size(1) + align - 1) / align * align;
+  auto buffer = at::zeros({t.size(0), t.size(2), padded}, t.options());
+  auto view = buffer.narrow(2, 0, t.size(1));
+  view.copy_(t.transpose(1, 2));
+  return view.transpose(1, 2);
+}
+
 // q, k, v are read through their strides (ops.py passes channel-major views of one projection
 // GEMM; other callers position-major tensors): no copies.
 sagan_ext::AttentionParams attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool allow_tf32) {
@@ -70,9 +87,24 @@ std::tuple<at::Tensor, at::Tensor> forward_outputs(sagan_ext::AttentionParams& p
   return {o, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+// attention_params of the tensors the kernels will read: channel-major copies where needed.
+struct Inputs {
+  at::Tensor q, k, v;
+  sagan_ext::AttentionParams p;
+  Inputs(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, bool allow_tf32)
+      : q(q_), k(k_), v(v_), p(attention_params(q_, k_, v_, allow_tf32)) {
+    if (sagan_ext::uses_tensor_cores(p)) {
+      q = channel_major(q_), k = channel_major(k_), v = channel_major(v_);
+      p.q = matrix(q), p.k = matrix(k), p.v = matrix(v);
+    }
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
                                                      bool allow_tf32, int64_t stream) {
-  auto p = attention_params(q, k, v, allow_tf32);
+  const Inputs in(q_, k_, v_, allow_tf32);
+  auto p = in.p;
+  const auto& q = in.q;
   auto [o, stats] = forward_outputs(p, q);
   check_cuda(sagan_ext::attention_forward(p, as_stream(stream)), "attention_forward");
   return {o, stats};
@@ -80,11 +112,13 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
 
 // (out, o, stats), out = x + gamma * o^T written by the forward's epilogue in x's (B, C, H, W)
 // layout; x's H and W must step alike (NCHW or channels_last), so positions have one stride.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_residual(const at::Tensor& q, const at::Tensor& k,
-                                                                          const at::Tensor& v, const at::Tensor& x,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_residual(const at::Tensor& q_, const at::Tensor& k_,
+                                                                          const at::Tensor& v_, const at::Tensor& x,
                                                                           const at::Tensor& gamma, bool allow_tf32,
                                                                           int64_t stream) {
-  auto p = attention_params(q, k, v, allow_tf32);
+  const Inputs in(q_, k_, v_, allow_tf32);
+  auto p = in.p;
+  const auto& q = in.q;
   check_same(x, q, "x");
   check_same(gamma, q, "gamma");
   TORCH_CHECK(x.dim() == 4 && x.size(0) == p.batch && x.size(1) == p.dv && x.size(2) * x.size(3) == p.n,
@@ -101,40 +135,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_residual(const 
   return {out, o, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& d_o, const at::Tensor& q,
-                                                                  const at::Tensor& k, const at::Tensor& v,
+// (dq, dk, dv), contiguous. The tensor-core kernels add dQ into a zeroed float32 buffer with
+// atomics, in an order fixed by per-(batch, query block) counters when
+// torch.use_deterministic_algorithms is on; the FFMA kernels write dq directly, deterministically.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& d_o_, const at::Tensor& q_,
+                                                                  const at::Tensor& k_, const at::Tensor& v_,
                                                                   const at::Tensor& o, const at::Tensor& stats,
                                                                   bool allow_tf32, int64_t stream) {
-  auto p = attention_params(q, k, v, allow_tf32);
+  const Inputs in(q_, k_, v_, allow_tf32);
+  auto p = in.p;
+  const auto& q = in.q;
   check_same(o, q, "o");
-  check_same(d_o, q, "grad_o");
-  TORCH_CHECK(o.dim() == 3 && o.sizes() == d_o.sizes() && o.size(0) == p.batch && o.size(1) == p.n && o.size(2) == p.dv,
+  check_same(d_o_, q, "grad_o");
+  TORCH_CHECK(o.dim() == 3 && o.sizes() == d_o_.sizes() && o.size(0) == p.batch && o.size(1) == p.n && o.size(2) == p.dv,
               "o and grad_o must be (B, N, dv)");
-  TORCH_CHECK(stats.is_cuda() && stats.scalar_type() == at::kFloat && stats.is_contiguous() && stats.dim() == 3 &&
-                  stats.size(0) == p.batch && stats.size(1) == 2 && stats.size(2) == p.n,
+  TORCH_CHECK(stats.is_cuda() && stats.device() == q.device(), "stats must be on ", q.device(), ", got ", stats.device());
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.is_contiguous() && stats.dim() == 3 && stats.size(0) == p.batch &&
+                  stats.size(1) == 2 && stats.size(2) == p.n,
               "stats must be a contiguous float32 (B, 2, N) tensor");
+  const bool tensor_cores = sagan_ext::uses_tensor_cores(p);
+  const auto d_o = tensor_cores ? channel_major(d_o_) : d_o_;
   auto delta = at::empty({p.batch, p.n}, stats.options());
-  auto dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()), dv = at::empty(v.sizes(), v.options());
+  auto dk = at::empty(k_.sizes(), k_.options()), dv = at::empty(v_.sizes(), v_.options());
+  at::Tensor dq, dq_accum, dq_turn;
+  if (tensor_cores) {
+    dq_accum = at::zeros(q_.sizes(), q_.options().dtype(at::kFloat));
+    p.dq_accum = dq_accum.data_ptr<float>();
+    if (at::globalContext().deterministicAlgorithms()) {
+      const int64_t query_blocks = (p.n + sagan_ext::kBackwardQueryBlock - 1) / sagan_ext::kBackwardQueryBlock;
+      dq_turn = at::zeros({p.batch, query_blocks}, q_.options().dtype(at::kInt));
+      p.dq_turn = dq_turn.data_ptr<int>();
+    }
+  } else {
+    dq = at::empty(q_.sizes(), q_.options());
+    p.dq = matrix(dq);
+  }
   p.o = matrix(o), p.stats = stats.data_ptr<float>();
   p.d_o = matrix(d_o), p.delta = delta.data_ptr<float>();
-  p.dq = matrix(dq), p.dk_out = matrix(dk), p.dv_out = matrix(dv);
+  p.dk_out = matrix(dk), p.dv_out = matrix(dv);
   check_cuda(sagan_ext::attention_backward(p, as_stream(stream)), "attention_backward");
+  if (tensor_cores) dq = dq_accum.scalar_type() == q_.scalar_type() ? dq_accum : dq_accum.to(q_.scalar_type());
   return {dq, dk, dv};
-}
-
-// Test-only: a (16, K) @ b (K, 8) through one of the PTX wrappers' paths (kernels.h).
-at::Tensor ptx_mma_selftest(const at::Tensor& a, const at::Tensor& b, bool allow_tf32, int64_t variant, int64_t stream) {
-  TORCH_CHECK(a.is_cuda(), "a must be a CUDA tensor");
-  check_same(b, a, "b");
-  const int64_t kk = a.scalar_type() == at::kFloat ? 8 : 16;
-  TORCH_CHECK(a.dim() == 2 && a.size(0) == 16 && a.size(1) == kk && b.dim() == 2 && b.size(0) == kk && b.size(1) == 8,
-              "a must be (16, ", kk, ") and b (", kk, ", 8)");
-  const auto ac = a.contiguous(), bc = b.contiguous();
-  auto d = at::empty({16, 8}, a.options().dtype(at::kFloat));
-  check_cuda(sagan_ext::ptx_mma_selftest(ac.data_ptr(), bc.data_ptr(), d.data_ptr<float>(), dtype_of(a), allow_tf32,
-                                         static_cast<int>(variant), as_stream(stream)),
-             "ptx_mma_selftest");
-  return d;
 }
 
 sagan_ext::SpectralNormParams spectral_norm_params(const at::Tensor& w) {
@@ -188,7 +229,6 @@ TORCH_LIBRARY(sagan_ext_cuda, m) {
   m.def("attention_forward(Tensor q, Tensor k, Tensor v, bool allow_tf32, int stream) -> (Tensor, Tensor)");
   m.def("attention_forward_residual(Tensor q, Tensor k, Tensor v, Tensor x, Tensor gamma, bool allow_tf32, int stream) -> (Tensor, Tensor, Tensor)");
   m.def("attention_backward(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor o, Tensor stats, bool allow_tf32, int stream) -> (Tensor, Tensor, Tensor)");
-  m.def("ptx_mma_selftest(Tensor a, Tensor b, bool allow_tf32, int variant, int stream) -> Tensor");
   m.def("spectral_norm_forward(Tensor w, Tensor u, Tensor v, int iterations, float eps, int stream) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("spectral_norm_backward(Tensor grad, Tensor grad_sigma, Tensor w_sn, Tensor u, Tensor v, Tensor sigma, int stream) -> Tensor");
 }
@@ -197,7 +237,6 @@ TORCH_LIBRARY_IMPL(sagan_ext_cuda, CUDA, m) {
   m.impl("attention_forward", &attention_forward);
   m.impl("attention_forward_residual", &attention_forward_residual);
   m.impl("attention_backward", &attention_backward);
-  m.impl("ptx_mma_selftest", &ptx_mma_selftest);
   m.impl("spectral_norm_forward", &spectral_norm_forward);
   m.impl("spectral_norm_backward", &spectral_norm_backward);
 }

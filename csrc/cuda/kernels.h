@@ -44,26 +44,36 @@ struct AttentionParams {
   Matrix d_o;               // backward input (B, N, dv)
   float* delta = nullptr;   // backward scratch (B, N): rowsum(dO * O)
   Matrix dq, dk_out, dv_out;  // backward outputs, shaped like q, k, v
+  // Tensor-core backward: dQ is added into dq_accum (B, N, dk) float32, zeroed, contiguous (the
+  // FFMA kernels write dq instead). With dq_turn, (B, ceil(N / kBackwardQueryBlock)) int32
+  // zeroed, the additions are ordered (deterministic mode).
+  float* dq_accum = nullptr;
+  int* dq_turn = nullptr;
 };
+
+constexpr int kBackwardQueryBlock = 64;  // query rows per step of the tensor-core backward
+constexpr int kMaxTf32ValueDim = 256;    // wider value dims run TF32 inputs on the FFMA kernels (full fp32)
+
+// Whether attention_forward / attention_backward run the tensor-core kernels for p: fp16 and bf16
+// always, fp32 as TF32 when p.tf32 (and dv <= kMaxTf32ValueDim). Those kernels read q, k, v and
+// dO channel-major (row_stride 1) with 16-byte aligned rows; the binding copies other layouts.
+inline bool uses_tensor_cores(const AttentionParams& p) {
+  return p.dtype != DType::kFloat32 || (p.tf32 && p.dv <= kMaxTf32ValueDim);
+}
 
 cudaError_t attention_forward(const AttentionParams& p, cudaStream_t stream);
 cudaError_t attention_backward(const AttentionParams& p, cudaStream_t stream);
 
-// Tensor-core kernels (attention_mma.cu): fp16/bf16, and fp32 with p.tf32. attention_forward and
-// attention_backward route there; these are what they call.
+// Tensor-core kernels (attention_mma.cu and one file per dtype and pass): what attention_forward and
+// attention_backward call when uses_tensor_cores(p).
 cudaError_t attention_forward_mma(const AttentionParams& p, cudaStream_t stream);
 cudaError_t attention_backward_mma(const AttentionParams& p, cudaStream_t stream);
+template <typename T>
+cudaError_t attention_forward_mma_launch(const AttentionParams& p, cudaStream_t stream);
+template <typename T>
+cudaError_t attention_backward_mma_launch(const AttentionParams& p, cudaStream_t stream);
 // rowsum(dO * O) into p.delta (shared by both backward paths).
 cudaError_t attention_delta(const AttentionParams& p, cudaStream_t stream);
-
-// Test-only (tests/test_gpu.py): d = a b through one PTX wrapper, so that a GPU run checks each
-// wrapper's fragment layout directly. a (16, K) and b (K, 8) row-major in the dtype the wrapper
-// takes (K = 16 for f16/bf16, 8 for tf32), d (16, 8) float32. `variant` picks the wrapper path,
-// through the kernels' own fragment loaders: 0 A by ldmatrix x4, B by x2.trans (both staged by
-// cp.async); 1 A by x4.trans, B by x2 (staged transposed); 2 A packed from registers (cvt f16x2 /
-// bf16x2), B by x1.trans; 3 as 2 with B by x1. tf32 (scalar fragments, cvt.rna) takes 0 and 1.
-cudaError_t ptx_mma_selftest(const void* a, const void* b, float* d, DType dtype, bool tf32, int variant,
-                             cudaStream_t stream);
 
 // Spectral norm of a (rows, cols) matrix w (unit column stride), u (rows) and v (cols) float32.
 struct SpectralNormParams {

@@ -67,9 +67,6 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
 // matrix i / 8 (8 consecutive 16-bit values, 16-byte aligned). Lane l receives, in r[j], elements
 // (l / 4, 2 (l % 4)..+1) of matrix j; with .trans, elements (2 (l % 4)..+1, l / 4), i.e. the
 // fragment of the transposed matrix. Those are exactly an mma operand's 8x8 sub-fragments.
-__device__ __forceinline__ void ldmatrix_x1(uint32_t (&r)[1], uint32_t smem_addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(smem_addr));
-}
 __device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], uint32_t smem_addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr));
 }
@@ -77,9 +74,6 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t smem_addr
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr));
-}
-__device__ __forceinline__ void ldmatrix_x1_trans(uint32_t (&r)[1], uint32_t smem_addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(smem_addr));
 }
 __device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], uint32_t smem_addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
@@ -92,10 +86,13 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t sme
                : "r"(smem_addr));
 }
 
-// 9.7.9.25.3 cp.async.cg (16 bytes, L2 only): copies src_bytes (0..16) from global and fills the rest
-// of the 16 shared bytes with zeros; both addresses 16-byte aligned. Completes at cp_async_wait.
-__device__ __forceinline__ void cp_async_16(uint32_t smem_addr, const void* global, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(global), "r"(src_bytes));
+// 9.7.9.25.3 cp.async.cg (16 bytes, L2 only): copies 16 bytes from global to shared, or, with
+// `zeros` (the ignore-src predicate), writes 16 zero bytes and reads nothing; both addresses
+// 16-byte aligned. Completes at cp_async_wait.
+__device__ __forceinline__ void cp_async_16(uint32_t smem_addr, const void* global, bool zeros) {
+  asm volatile(
+      "{\n .reg .pred z;\n setp.ne.b32 z, %2, 0;\n cp.async.cg.shared.global [%0], [%1], 16, z;\n}\n" ::"r"(smem_addr),
+      "l"(global), "r"(static_cast<int>(zeros)));
 }
 // 9.7.9.25.3.2 cp.async.commit_group: closes the group of copies issued since the last commit.
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -104,7 +101,7 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   static_assert(N == 0 || N == 1, "the kernels keep at most two groups in flight");
-  if (N == 0) asm volatile("cp.async.wait_group 0;\n" ::);
+  if constexpr (N == 0) asm volatile("cp.async.wait_group 0;\n" ::);
   else asm volatile("cp.async.wait_group 1;\n" ::);
 }
 
