@@ -78,7 +78,7 @@ def _attention_forward(
     PRECISION: tl.constexpr, RESIDUAL: tl.constexpr,
 ):
     """O (B, N, DV) contiguous; STATS (B, 2, N): row max m and row sum l = sum exp(s - m)."""
-    pid_m, b, pid_dv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, b, pid_dv = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)  # int64: B N dv > 2^31
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dks = tl.arange(0, DK_PAD)
     dvs = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
@@ -112,27 +112,27 @@ def _attention_forward(
 
 
 # ---------------------------------------------------------------------------------------------
-# attention backward: delta = rowsum(dO * O), then one kernel per (key block, dv tile) that walks
-# the query blocks and computes, per (query block, key block) tile:
+# attention backward: delta = rowsum(dO * O), then one program per (key block, value tile) that
+# walks the query blocks and computes, per (query block, key block) tile:
 #   s = q k^T            2 BLOCK_M BLOCK_N dk    FLOPs
 #   p = exp(s - m) / l
-#   dV += p^T dO         2 BLOCK_M BLOCK_N BLOCK_DV
-#   dP = dO V^T          2 BLOCK_M BLOCK_N BLOCK_DV   (this dv tile's share; computed once)
-#   dS = p (dP - delta)  (delta subtracted by the first dv tile only: dS is linear in dP)
-#   dK += dS^T q         2 BLOCK_M BLOCK_N dk
-#   dQ += dS k           2 BLOCK_M BLOCK_N dk   (fp32 atomics: other key blocks add to the same rows)
-# In all, per (query, key) pair, 4 dv + 6 dk * cdiv(dv, BLOCK_DV) FLOPs: FlashAttention-2's
-# 4 dv + 6 dk when one tile spans dv (the previous three kernels: 6 dv + 10 dk, dO V^T twice more).
+#   dV += p^T dO         2 BLOCK_M BLOCK_N BLOCK_DV   (this program's value tile)
+#   dP = dO V^T          2 BLOCK_M BLOCK_N dv         (over the whole value dim)
+#   dS = p (dP - delta)  (rounded once to the operand type, whole: not per value tile)
+#   dK += dS^T q         2 BLOCK_M BLOCK_N dk   } the first value tile's program only: dK is
+#   dQ += dS k           2 BLOCK_M BLOCK_N dk   } stored, dQ added with fp32 atomics
+# Per (query, key) pair, with T = cdiv(dv, BLOCK_DV) value tiles: T (2 dk + 2 dv) + 2 dv + 4 dk
+# FLOPs; FlashAttention-2's 4 dv + 6 dk when one tile spans dv, which the pruning keeps for dv up
+# to 256 (the paper's C and BigGAN's C / 2); wider value dims recompute s and dP per tile.
 # benchmarks/blocks.py counts useful FLOPs only (backward 4 dv + 4 dk), whatever the kernel recomputes.
-# dK is summed over the dv tiles with fp32 atomics too; dV tiles are stored directly. The atomics are
-# relaxed: only their sum is read, after the kernel ends (the default acq_rel wraps each 16-byte add
-# in a full GPU fence, MEMBAR.ALL.GPU + CCTL.IVALL in the sm_90 SASS).
+# The dQ atomics are relaxed: only their sum is read, after the kernel ends (the default acq_rel
+# wraps each 16-byte add in a full GPU fence, MEMBAR.ALL.GPU + CCTL.IVALL in the sm_90 SASS).
 
 
 @triton.jit
 def _attention_backward_delta(O, DO, DELTA, stride_dob, stride_don, stride_doc, N, DV,
                               BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_m, b = tl.program_id(0), tl.program_id(1)
+    pid_m, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     acc = tl.zeros([BLOCK_M], tl.float32)
     for c in range(0, DV, BLOCK_DV):
@@ -151,135 +151,147 @@ def _attention_backward(
     DK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """DQ (B, N, DK) and DK_OUT (B, M, DK): zeroed float32, added to atomically; DV_OUT (B, M, DV)."""
-    pid_n, b, pid_dv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """DQ (B, N, DK) zeroed float32, added to atomically; DK_OUT (B, M, DK) and DV_OUT (B, M, DV) stored."""
+    pid_n, b, pid_dv = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dks = tl.arange(0, DK_PAD)
-    dvs = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    k = _load_tile(K + b * stride_kb, cols, dks, stride_km, stride_kc, M, DK)
-    v = _load_tile(V + b * stride_vb, cols, dvs, stride_vm, stride_vc, M, DV)
+    c0 = pid_dv * BLOCK_DV
+    dvs = c0 + tl.arange(0, BLOCK_DV)
+    Q, K, V, DO = Q + b * stride_qb, K + b * stride_kb, V + b * stride_vb, DO + b * stride_dob
+    k = _load_tile(K, cols, dks, stride_km, stride_kc, M, DK)
+    v = _load_tile(V, cols, dvs, stride_vm, stride_vc, M, DV)
     dk_acc = tl.zeros([BLOCK_N, DK_PAD], tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for start in range(0, N, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        q = _load_tile(Q + b * stride_qb, rows, dks, stride_qn, stride_qc, N, DK)
+        q = _load_tile(Q, rows, dks, stride_qn, stride_qc, N, DK)
         # p = 0 outside the matrix without an exp2 of a huge positive number: keys past M score
         # -inf as in the forward, rows past N take m = +inf
         s = tl.where(cols[None, :] < M, _scores(q, k, PRECISION), float("-inf"))
         m = tl.load(STATS + b * 2 * N + rows, mask=rows < N, other=float("inf"))
         l = tl.load(STATS + b * 2 * N + N + rows, mask=rows < N, other=1.0)
         p = tl.exp2((s - m[:, None]) * LOG2E) / l[:, None]
-        do = _load_tile(DO + b * stride_dob, rows, dvs, stride_don, stride_doc, N, DV)
+        do = _load_tile(DO, rows, dvs, stride_don, stride_doc, N, DV)
         dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        delta = tl.load(DELTA + b * N + rows, mask=rows < N, other=0.0)
-        ds = p * (dp - tl.where(pid_dv == 0, delta, 0.0)[:, None])
-        dk_acc += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        tl.atomic_add(DQ + b * N * DK + rows[:, None] * DK + dks[None, :], dq,
-                      mask=(rows[:, None] < N) & (dks[None, :] < DK), sem="relaxed")
+        for t in range(0, DV, BLOCK_DV):  # the other value tiles' share of dP: none when one tile spans dv
+            if t != c0:
+                t_dvs = t + tl.arange(0, BLOCK_DV)
+                do_t = _load_tile(DO, rows, t_dvs, stride_don, stride_doc, N, DV)
+                v_t = _load_tile(V, cols, t_dvs, stride_vm, stride_vc, M, DV)
+                dp += tl.dot(do_t, tl.trans(v_t), input_precision=PRECISION)
+        if pid_dv == 0:
+            delta = tl.load(DELTA + b * N + rows, mask=rows < N, other=0.0)
+            ds = (p * (dp - delta[:, None])).to(q.dtype)
+            dk_acc += tl.dot(tl.trans(ds), q, input_precision=PRECISION)
+            dq = tl.dot(ds, k, input_precision=PRECISION)
+            tl.atomic_add(DQ + b * N * DK + rows[:, None] * DK + dks[None, :], dq,
+                          mask=(rows[:, None] < N) & (dks[None, :] < DK), sem="relaxed")
     _store_tile(DV_OUT + b * M * DV, cols, dvs, DV, 1, M, DV, dv_acc)
-    tl.atomic_add(DK_OUT + b * M * DK + cols[:, None] * DK + dks[None, :], dk_acc,
-                  mask=(cols[:, None] < M) & (dks[None, :] < DK), sem="relaxed")
+    if pid_dv == 0:
+        _store_tile(DK_OUT + b * M * DK, cols, dks, DK, 1, M, DK, dk_acc)
 
 
 # ---------------------------------------------------------------------------------------------
-# spectral norm: the forward is one program (the power iteration needs a global order between
-# its passes); the backward a parallel reduction of <G, W_sn> and a parallel elementwise pass.
+# spectral norm, spread over the GPU: each pass of the power iteration over W is its own launch of
+# many programs (a pass needs the previous one's whole result). Each program writes its share of
+# its pass's reduction (a squared norm, a dot product) to a partials array that the next launch
+# sums: no atomics, so sigma is the same in every run.
 
 
 @triton.jit
-def _transposed_matvec_pass(W, X, Y, H, WD, stride_h, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Y = W^T X in float32 (one pass over W); returns ||Y||^2."""
-    sq = tl.zeros([1], tl.float32)
+def _sum_partials(P, n, NP: tl.constexpr):
+    offs = tl.arange(0, NP)
+    return tl.sum(tl.load(P + offs, mask=offs < n, other=0.0), 0)
+
+
+@triton.jit
+def _sn_transposed_matvec(W, X, XP, n_xp, Y, YP, H, WD, stride_h, eps, NORMALIZE_X: tl.constexpr, NP: tl.constexpr,
+                          BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Y = W^T x on this program's BLOCK_W columns, x = X / max(||X||, eps) (||X||^2: the sum of
+    XP's n_xp partials) if NORMALIZE_X else X; YP[program] = ||Y's columns||^2."""
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_W + tl.arange(0, BLOCK_W)
+    acc = tl.zeros([BLOCK_W], tl.float32)
+    for r0 in range(0, H, BLOCK_H):
+        rows = r0 + tl.arange(0, BLOCK_H)
+        w = _load_tile(W, rows, cols, stride_h, 1, H, WD).to(tl.float32)
+        acc += tl.sum(w * tl.load(X + rows, mask=rows < H, other=0.0)[:, None], 0)
+    if NORMALIZE_X:
+        acc = acc / tl.maximum(tl.sqrt(_sum_partials(XP, n_xp, NP)), eps)
+    tl.store(Y + cols, acc, mask=cols < WD)
+    tl.store(YP + pid, tl.sum(acc * acc, 0))
+
+
+@triton.jit
+def _sn_matvec(W, X, XP, n_xp, U, Y, YP, H, WD, stride_h, eps, NORMALIZE_X: tl.constexpr, DOT_U: tl.constexpr,
+               NP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Y = W x on this program's BLOCK_H rows, x as in _sn_transposed_matvec; YP[program] = ||Y's
+    rows||^2, or with DOT_U (evaluation: sigma = u . W v) U's rows . Y's rows."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    acc = tl.zeros([BLOCK_H], tl.float32)
     for c0 in range(0, WD, BLOCK_W):
         cols = c0 + tl.arange(0, BLOCK_W)
-        acc = tl.zeros([BLOCK_W], tl.float32)
-        for r0 in range(0, H, BLOCK_H):
-            rows = r0 + tl.arange(0, BLOCK_H)
-            w = _load_tile(W, rows, cols, stride_h, 1, H, WD).to(tl.float32)
-            acc += tl.sum(w * tl.load(X + rows, mask=rows < H, other=0.0)[:, None], 0)
-        tl.store(Y + cols, acc, mask=cols < WD)
-        sq += tl.sum(acc * acc, 0)
-    tl.debug_barrier()
-    return sq
+        w = _load_tile(W, rows, cols, stride_h, 1, H, WD).to(tl.float32)
+        acc += tl.sum(w * tl.load(X + cols, mask=cols < WD, other=0.0)[None, :], 1)
+    if NORMALIZE_X:
+        acc = acc / tl.maximum(tl.sqrt(_sum_partials(XP, n_xp, NP)), eps)
+    tl.store(Y + rows, acc, mask=rows < H)
+    if DOT_U:
+        tl.store(YP + pid, tl.sum(acc * tl.load(U + rows, mask=rows < H, other=0.0), 0))
+    else:
+        tl.store(YP + pid, tl.sum(acc * acc, 0))
 
 
 @triton.jit
-def _matvec_pass(W, X, Y, H, WD, stride_h, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Y = W X in float32 (one pass over W); returns ||Y||^2."""
-    sq = tl.zeros([1], tl.float32)
-    for r0 in range(0, H, BLOCK_H):
-        rows = r0 + tl.arange(0, BLOCK_H)
-        acc = tl.zeros([BLOCK_H], tl.float32)
-        for c0 in range(0, WD, BLOCK_W):
-            cols = c0 + tl.arange(0, BLOCK_W)
-            w = _load_tile(W, rows, cols, stride_h, 1, H, WD).to(tl.float32)
-            acc += tl.sum(w * tl.load(X + cols, mask=cols < WD, other=0.0)[None, :], 1)
-        tl.store(Y + rows, acc, mask=rows < H)
-        sq += tl.sum(acc * acc, 0)
-    tl.debug_barrier()
-    return sq
+def _sn_finish(W, WSN, SIGMA, U, UP, n_up, V, VP, n_vp, H, WD, stride_h, eps, TRAINING: tl.constexpr,
+               NP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """sigma, then WSN = W / sigma on this program's tile. Training: U holds t = W v, UP its
+    squared norm's partials: sigma = ||t||^2 / max(||t||, eps) (= u . W v, no pass over W), and the
+    first column of programs writes u = t / max(||t||, eps), the first row v = V / max(||V||, eps).
+    Evaluation: sigma is the sum of UP (u . W v)."""
+    pid_h, pid_w = tl.program_id(0), tl.program_id(1)
+    rows = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    total = _sum_partials(UP, n_up, NP)
+    sigma = total
+    if TRAINING:
+        norm = tl.maximum(tl.sqrt(total), eps)
+        sigma = total / norm
+        if pid_w == 0:
+            tl.store(U + rows, tl.load(U + rows, mask=rows < H, other=0.0) / norm, mask=rows < H)
+        if pid_h == 0:
+            v_norm = tl.maximum(tl.sqrt(_sum_partials(VP, n_vp, NP)), eps)
+            tl.store(V + cols, tl.load(V + cols, mask=cols < WD, other=0.0) / v_norm, mask=cols < WD)
+    if (pid_h == 0) & (pid_w == 0):
+        tl.store(SIGMA + tl.arange(0, 1), tl.full([1], 0.0, tl.float32) + sigma)
+    mask = (rows[:, None] < H) & (cols[None, :] < WD)
+    w = tl.load(W + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(WSN + rows[:, None] * WD + cols[None, :], (w / sigma).to(WSN.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _scale_pass(Y, LEN, scale, BLOCK: tl.constexpr):
-    for o0 in range(0, LEN, BLOCK):
-        offs = o0 + tl.arange(0, BLOCK)
-        tl.store(Y + offs, tl.load(Y + offs, mask=offs < LEN) * scale, mask=offs < LEN)
-    tl.debug_barrier()
+def _spectral_norm_backward_dot(G, WSN, DOTP, numel, BLOCK: tl.constexpr):
+    """DOTP[program] = this program's share of <G, W_sn> (a grid-stride loop)."""
+    pid, programs = tl.program_id(0), tl.num_programs(0)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(pid * BLOCK, numel, programs * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += (tl.load(G + offs, mask=offs < numel, other=0.0).to(tl.float32) *
+                tl.load(WSN + offs, mask=offs < numel, other=0.0).to(tl.float32))
+    tl.store(DOTP + pid, tl.sum(acc, 0))
 
 
 @triton.jit
-def _spectral_norm_forward(W, U, V, WSN, SIGMA, H, WD, stride_h, iterations, eps,
-                           BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """In one program: `iterations` rounds of v = normalize(W^T u), u = normalize(W v) (U, V
-    updated in place, float32), sigma = u . (W v), WSN = W / sigma."""
-    sigma = tl.zeros([1], tl.float32)
-    for _ in range(iterations):
-        sq = _transposed_matvec_pass(W, U, V, H, WD, stride_h, BLOCK_H, BLOCK_W)
-        _scale_pass(V, WD, 1.0 / tl.maximum(tl.sqrt(sq), eps), BLOCK_W)
-        sq = _matvec_pass(W, V, U, H, WD, stride_h, BLOCK_H, BLOCK_W)  # U holds t = W v
-        norm = tl.maximum(tl.sqrt(sq), eps)
-        _scale_pass(U, H, 1.0 / norm, BLOCK_H)
-        sigma = sq / norm  # u . (W v) = ||t||^2 / max(||t||, eps), no further pass over W
-    if iterations == 0:  # eval: sigma from the stored u, v
-        sigma = tl.zeros([1], tl.float32)
-        for r0 in range(0, H, BLOCK_H):
-            rows = r0 + tl.arange(0, BLOCK_H)
-            acc = tl.zeros([BLOCK_H], tl.float32)
-            for c0 in range(0, WD, BLOCK_W):
-                cols = c0 + tl.arange(0, BLOCK_W)
-                w = _load_tile(W, rows, cols, stride_h, 1, H, WD).to(tl.float32)
-                acc += tl.sum(w * tl.load(V + cols, mask=cols < WD, other=0.0)[None, :], 1)
-            sigma += tl.sum(acc * tl.load(U + rows, mask=rows < H, other=0.0), 0)
-    tl.store(SIGMA + tl.arange(0, 1), sigma)
-    inv = 1.0 / sigma
-    for r0 in range(0, H, BLOCK_H):
-        rows = r0 + tl.arange(0, BLOCK_H)
-        for c0 in range(0, WD, BLOCK_W):
-            cols = c0 + tl.arange(0, BLOCK_W)
-            mask = (rows[:, None] < H) & (cols[None, :] < WD)
-            w = tl.load(W + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            tl.store(WSN + rows[:, None] * WD + cols[None, :], (w * inv[:, None]).to(WSN.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _spectral_norm_backward_dot(G, WSN, DOT, numel, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    g = tl.load(G + offs, mask=offs < numel, other=0.0).to(tl.float32)
-    w = tl.load(WSN + offs, mask=offs < numel, other=0.0).to(tl.float32)
-    tl.atomic_add(DOT, tl.sum(g * w, 0))
-
-
-@triton.jit
-def _spectral_norm_backward_apply(G, U, V, DOT, GRAD_SIGMA, SIGMA, DW, H, WD, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+def _spectral_norm_backward_apply(G, U, V, DOTP, n_dotp, GRAD_SIGMA, SIGMA, DW, H, WD, NP: tl.constexpr,
+                                  BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     """dW = (G - (<G, W_sn> - g_sigma * sigma) u v^T) / sigma."""
     rows = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     mask = (rows[:, None] < H) & (cols[None, :] < WD)
     sigma = tl.load(SIGMA)
-    c = tl.load(DOT) - tl.load(GRAD_SIGMA) * sigma
+    c = _sum_partials(DOTP, n_dotp, NP) - tl.load(GRAD_SIGMA) * sigma
     u = tl.load(U + rows, mask=rows < H, other=0.0)
     v = tl.load(V + cols, mask=cols < WD, other=0.0)
     g = tl.load(G + rows[:, None] * WD + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -290,37 +302,48 @@ def _spectral_norm_backward_apply(G, U, V, DOT, GRAD_SIGMA, SIGMA, DW, H, WD, BL
 # ---------------------------------------------------------------------------------------------
 # launch configuration: short autotuned lists on GPUs, one pinned small config when interpreted
 
-# (BLOCK_M, BLOCK_N, BLOCK_DV, num_warps, num_stages). Tensor-core dots (fp16, bf16, tf32) keep
-# their operands in shared memory and their accumulators in MMA fragments; fp32 "ieee" dots are
-# FMA loops over register tiles, so their tiles are smaller (64x32 and 64x64 query x key tiles
-# spill up to 13 KB with dk 64 in the channel-major layout). Every config fits both sm_80 and
-# sm_90 in every dtype (tf32 is the largest in shared memory: a 128 x 64 backward tile needs
-# 176 KiB, over sm_80's 163) and spills at most a few hundred bytes: tests/triton_compile.py
-# prints registers, spills and shared memory for each and fails when one does not fit.
+# (BLOCK_M, BLOCK_N, BLOCK_DV, num_warps, num_stages), per dot kind: fp16/bf16 and TF32 on tensor
+# cores (operands in shared memory, accumulators in MMA fragments; TF32's 4-byte operands take
+# twice the shared memory, so its tiles are smaller), and fp32 "ieee" dots as FMA loops over
+# register tiles (smaller still: 64x32 and 64x64 query x key tiles spilled up to 13 KB with dk 64).
+# Value tiles up to 256 wide, so that one program spans the paper's and BigGAN's value dims: the
+# pruning keeps only the configs with the fewest value tiles. The forward's tensor-core configs
+# pipeline 3 stages. Every config fits sm_80 and sm_90 and spills at most a few hundred bytes:
+# tests/triton_compile.py prints registers, spills and shared memory for each and fails when one
+# does not fit.
 FORWARD_TILES = {
-    "tensor_core": [(64, 64, 64, 4, 2), (128, 64, 64, 8, 3), (128, 64, 128, 8, 2), (64, 32, 128, 4, 2),
-                    (128, 128, 64, 8, 2), (32, 32, 64, 4, 2)],
+    "tensor_core": [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 64, 128, 4, 3), (128, 64, 128, 8, 3),
+                    (64, 64, 256, 4, 3), (128, 64, 256, 8, 3), (32, 32, 64, 4, 2)],
+    "tf32": [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 32, 128, 4, 3), (64, 32, 256, 4, 2), (32, 32, 64, 4, 2)],
     "fma": [(32, 32, 64, 8, 2), (16, 64, 32, 4, 2), (16, 32, 64, 4, 2), (32, 32, 32, 4, 2)],
 }
 BACKWARD_TILES = {
-    "tensor_core": [(64, 64, 64, 4, 2), (32, 64, 64, 4, 2), (64, 32, 128, 4, 2), (32, 32, 64, 4, 2)],
+    "tensor_core": [(64, 64, 64, 4, 2), (32, 64, 128, 4, 2), (64, 64, 128, 8, 2), (32, 64, 256, 8, 2),
+                    (64, 64, 256, 8, 2), (32, 32, 64, 4, 2)],
+    "tf32": [(64, 64, 64, 4, 2), (32, 64, 128, 8, 2), (32, 32, 256, 8, 2), (32, 32, 64, 4, 2)],
     "fma": [(32, 32, 32, 8, 1), (16, 32, 32, 4, 1), (32, 16, 32, 4, 1), (16, 16, 32, 4, 1)],
 }
 PINNED = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DV=16)  # interpreter: small tiles, ragged tails everywhere
 _KEY = ["N", "M", "DK_PAD", "DV", "PRECISION"]
 
 
-def dot_kind(precision: str) -> str:
-    return "fma" if precision == "ieee" else "tensor_core"
+def dot_kind(precision: str, dtype: torch.dtype) -> str:
+    if precision == "ieee" and dtype == torch.float32:
+        return "fma"
+    return "tf32" if dtype == torch.float32 else "tensor_core"
 
 
-def kept_tiles(tiles: dict, precision: str, n, m, dv) -> tuple:
-    """This dot kind's tiles, less those whose blocks exceed the problem (they only add masked
-    work); the smallest if none fits. (A power-of-two block b fits a size s when b <= 16 or
-    b < 2 s, i.e. b <= max(16, next_power_of_2(s)): comparisons that symbolic sizes take too.)"""
-    own = tiles[dot_kind(precision)]
+def kept_tiles(tiles: dict, kind: str, n, m, dv) -> tuple:
+    """This dot kind's tiles with the fewest value tiles for dv, less those whose blocks exceed the
+    problem (they only add masked work); the smallest if none fits. (A power-of-two block b fits
+    a size s when b <= 16 or b < 2 s, i.e. b <= max(16, next_power_of_2(s)): comparisons that
+    symbolic sizes take too.)"""
+    own = tiles[kind]
     fits = lambda block, size: block <= 16 or 2 * size > block  # noqa: E731
-    return tuple(t for t in own if fits(t[0], n) and fits(t[1], m) and fits(t[2], dv)) or tuple(own[-1:])
+    value_tiles = lambda t: (dv + t[2] - 1) // t[2]  # noqa: E731
+    fewest = min(value_tiles(t) for t in own)
+    kept = tuple(t for t in own if value_tiles(t) == fewest and fits(t[0], n) and fits(t[1], m) and fits(t[2], dv))
+    return kept or tuple(own[-1:])
 
 
 def autotuned(kernel, tiles, key=_KEY, accumulated=(), do_bench=None):
@@ -333,11 +356,14 @@ def autotuned(kernel, tiles, key=_KEY, accumulated=(), do_bench=None):
     of every timed run."""
     configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DV=bdv), num_warps=w, num_stages=s)
                for bm, bn, bdv, w, s in tiles]
-    return triton.autotune(configs, key=key, reset_to_zero=list(accumulated) or None, do_bench=do_bench)(kernel)
+    # cache_results: the choice is kept on disk (Triton's cache), so a shape is timed once per
+    # machine, not once per process and rank
+    return triton.autotune(configs, key=key, reset_to_zero=list(accumulated) or None, do_bench=do_bench,
+                           cache_results=True)(kernel)
 
 
 FORWARD_TUNING = dict(kernel=_attention_forward, key=_KEY + ["RESIDUAL"])
-BACKWARD_TUNING = dict(kernel=_attention_backward, accumulated=("DQ", "DK_OUT"))
+BACKWARD_TUNING = dict(kernel=_attention_backward, accumulated=("DQ",))
 _tuners: dict = {}  # (kernel name, tiles) -> its autotuner: one per pruned config list, kept for its tuning cache
 
 
@@ -370,8 +396,22 @@ class Launch(NamedTuple):
 
 
 def _run(launches: list[Launch]) -> None:
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
     for kernel, grid, args, kwargs in launches:
+        if capturing and isinstance(kernel, triton.runtime.Autotuner):
+            kernel, kwargs = untuned_launch(kernel, args, kwargs)
         torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def untuned_launch(tuner, args, kwargs):
+    """(kernel, kwargs) that launch `tuner`'s kernel without timing anything: inside CUDA-graph
+    capture the tuner's timed runs would be captured into the graph. The config tuned for these
+    arguments before the capture (a warm-up step outside it), else the first one."""
+    named = {**dict(zip(tuner.arg_names, args)), **kwargs}
+    key = [named[name] for name in tuner.keys if name in named]  # the tuner's own key (Autotuner.run)
+    key += [str(arg.dtype) for name, arg in named.items() if name in tuner.arg_names and hasattr(arg, "dtype")]
+    config = tuner.cache.get(tuple(key), tuner.configs[0])
+    return tuner.fn, {**kwargs, **config.all_kwargs()}
 
 
 def _tuned_args(**constexprs) -> dict:
@@ -397,19 +437,19 @@ def _forward_launches(q: Tensor, k: Tensor, v: Tensor, tf32: bool, x=None, gamma
     args = (q, k, v, o, stats, *_strides(q), *_strides(k), *_strides(v), n, m, dk, dv,
             x if residual else o, out, gamma if residual else o, *xs)
     precision = _precision(q.dtype, tf32)
-    kernel = _tuned_kernel(FORWARD_TUNING, kept_tiles(FORWARD_TILES, precision, n, m, dv))
+    kernel = _tuned_kernel(FORWARD_TUNING, kept_tiles(FORWARD_TILES, dot_kind(precision, q.dtype), n, m, dv))
     kwargs = _tuned_args(DK_PAD=_dk_pad(dk), PRECISION=precision, RESIDUAL=residual)
     return [Launch(kernel, grid, args, kwargs)], (out, o, stats)
 
 
 def _backward_launches(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, stats: Tensor, tf32: bool):
-    """The backward's launches and (dq, dk, dv); dq and dk float32."""
+    """The backward's launches and (dq, dk, dv); dq float32 (atomically added to)."""
     b, n, dk = q.shape
     m, dv = k.shape[1], v.shape[2]
     o = o.contiguous()  # our forward's own output: already contiguous
     delta = q.new_empty((b, n), dtype=torch.float32)
     dq = q.new_zeros((b, n, dk), dtype=torch.float32)
-    dk_ = q.new_zeros((b, m, dk), dtype=torch.float32)
+    dk_ = k.new_empty((b, m, dk))
     dv_ = v.new_empty((b, m, dv))
     launches = [Launch(_attention_backward_delta, (triton.cdiv(n, 64), b),
                        (o, do, delta, *_strides(do), n, dv), dict(BLOCK_M=64, BLOCK_DV=64))]
@@ -417,7 +457,7 @@ def _backward_launches(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, s
     args = (q, k, v, do, stats, delta, dq, dk_, dv_, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
             n, m, dk, dv)
     precision = _precision(q.dtype, tf32)
-    kernel = _tuned_kernel(BACKWARD_TUNING, kept_tiles(BACKWARD_TILES, precision, n, m, dv))
+    kernel = _tuned_kernel(BACKWARD_TUNING, kept_tiles(BACKWARD_TILES, dot_kind(precision, q.dtype), n, m, dv))
     launches.append(Launch(kernel, grid, args, _tuned_args(DK_PAD=_dk_pad(dk), PRECISION=precision)))
     return launches, (dq, dk_, dv_)
 
@@ -445,25 +485,50 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, s
     return dq.to(q.dtype), dk.to(k.dtype), dv
 
 
+SN_BLOCK_H, SN_BLOCK_W = 32, 128  # a pass's program: 32 rows or 128 columns of W; the finish, 32 x 128 tiles
+SN_DOT_PROGRAMS, SN_DOT_BLOCK = 256, 1024  # the backward's <G, W_sn>: at most 256 partials
+
+
 def _spectral_norm_forward_launches(w: Tensor, u: Tensor, v: Tensor, iterations: int, eps: float):
+    """`iterations` rounds of v = normalize(W^T u), u = normalize(W v), then sigma and W / sigma:
+    2 launches per round and one to finish; evaluation (0 rounds): sigma = u . W v, 2 launches."""
     h, wd = w.shape
     u32, v32 = u.float().clone(), v.float().clone()
     w_sn = torch.empty((h, wd), dtype=w.dtype, device=w.device)
     sigma = torch.empty((1,), dtype=torch.float32, device=w.device)
-    args = (w, u32, v32, w_sn, sigma, h, wd, w.stride(0), iterations, eps)
-    kwargs = dict(BLOCK_H=32, BLOCK_W=64 if interpreting() else 128)
-    return [Launch(_spectral_norm_forward, (1,), args, kwargs)], (w_sn, sigma, u32, v32)
+    block_h, block_w = (16, 32) if interpreting() else (SN_BLOCK_H, SN_BLOCK_W)
+    row_programs, col_programs = triton.cdiv(h, block_h), triton.cdiv(wd, block_w)
+    up = torch.empty((row_programs,), dtype=torch.float32, device=w.device)  # partials of the u pass
+    vp = torch.empty((col_programs,), dtype=torch.float32, device=w.device)  # and of the v pass
+    np_ = triton.next_power_of_2(max(row_programs, col_programs))
+    blocks = dict(NP=np_, BLOCK_H=block_h, BLOCK_W=block_w)
+    launches = []
+    for i in range(iterations):
+        launches.append(Launch(_sn_transposed_matvec, (col_programs,),  # v (unnormalized) = W^T u
+                               (w, u32, up, row_programs, v32, vp, h, wd, w.stride(0), eps), dict(NORMALIZE_X=i > 0, **blocks)))
+        launches.append(Launch(_sn_matvec, (row_programs,),  # t = W normalize(v), into u32
+                               (w, v32, vp, col_programs, u32, u32, up, h, wd, w.stride(0), eps),
+                               dict(NORMALIZE_X=True, DOT_U=False, **blocks)))
+    if iterations == 0:  # t = W v into a scratch row vector, its dot with u
+        t = torch.empty((h,), dtype=torch.float32, device=w.device)
+        launches.append(Launch(_sn_matvec, (row_programs,), (w, v32, vp, 0, u32, t, up, h, wd, w.stride(0), eps),
+                               dict(NORMALIZE_X=False, DOT_U=True, **blocks)))
+    launches.append(Launch(_sn_finish, (row_programs, col_programs),
+                           (w, w_sn, sigma, u32, up, row_programs, v32, vp, col_programs, h, wd, w.stride(0), eps),
+                           dict(TRAINING=iterations > 0, **blocks)))
+    return launches, (w_sn, sigma, u32, v32)
 
 
 def _spectral_norm_backward_launches(g: Tensor, grad_sigma: Tensor, w_sn: Tensor, u: Tensor, v: Tensor, sigma: Tensor):
     h, wd = g.shape
-    dot = torch.zeros((1,), dtype=torch.float32, device=g.device)
+    programs = min(SN_DOT_PROGRAMS, triton.cdiv(g.numel(), SN_DOT_BLOCK))
+    dotp = torch.empty((programs,), dtype=torch.float32, device=g.device)
     dw = torch.empty_like(g)
     scalars = [t.float().reshape(1).contiguous() for t in (grad_sigma, sigma)]
-    block = 1024
-    return [Launch(_spectral_norm_backward_dot, (triton.cdiv(g.numel(), block),), (g, w_sn, dot, g.numel()), dict(BLOCK=block)),
+    return [Launch(_spectral_norm_backward_dot, (programs,), (g, w_sn, dotp, g.numel()), dict(BLOCK=SN_DOT_BLOCK)),
             Launch(_spectral_norm_backward_apply, (triton.cdiv(h, 32), triton.cdiv(wd, 64)),
-                   (g, u.float().contiguous(), v.float().contiguous(), dot, *scalars, dw, h, wd), dict(BLOCK_H=32, BLOCK_W=64))], dw
+                   (g, u.float().contiguous(), v.float().contiguous(), dotp, programs, *scalars, dw, h, wd),
+                   dict(NP=triton.next_power_of_2(programs), BLOCK_H=32, BLOCK_W=64))], dw
 
 
 @torch.library.triton_op("sagan_ext_triton::spectral_norm_forward", mutates_args=())
