@@ -3,12 +3,13 @@ Triton and plain-PyTorch reference backends behind one API."""
 from . import backends, biggan, ops  # ops registers the sagan_ext:: operators; biggan: BigGAN-PyTorch checkpoints
 from .attention import EagerSelfAttention, FusedSelfAttention, self_attention
 from .backends import available_backends
+from .dropin import fuse
 from .spectral_norm import (remove_spectral_norm, sigma, spectral_norm, spectral_norm_sigmas,
                             spectral_normalize)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "FusedSelfAttention", "EagerSelfAttention", "self_attention", "spectral_norm", "remove_spectral_norm", "spectral_normalize",
-    "sigma", "spectral_norm_sigmas", "available_backends", "__version__",
+    "fuse", "FusedSelfAttention", "EagerSelfAttention", "self_attention", "spectral_norm", "remove_spectral_norm",
+    "spectral_normalize", "sigma", "spectral_norm_sigmas", "available_backends", "__version__",
 ]

@@ -36,7 +36,7 @@ def self_attention(
     return out
 
 
-def _weight(conv: nn.Conv2d) -> Tensor:
+def conv_weight(conv: nn.Conv2d) -> Tensor:
     """The conv's effective weight, running its forward pre-hooks (spectral norm: sagan_ext's or
     torch's) since the fused op reads the weight without calling the conv."""
     for hook in conv._forward_pre_hooks.values():
@@ -58,11 +58,18 @@ class FusedSelfAttention(nn.Module):
     spectral_norm: sagan_ext.spectral_norm on every conv. power_iteration_in_eval: eval forwards
     also run the power iteration from the stored u, saving nothing (BigGAN-PyTorch's eval); by
     default they use the stored u, v (torch's).
+
+    forward(x, *, return_attention=False). accepts_y: forward also takes a second positional
+    argument y and ignores it, as BigGAN-PyTorch's `Attention.forward(x, y=None)` does (its G calls
+    every block as block(h, y)); replace_attention sets it for blocks it replaces. Without it a
+    second positional argument is a TypeError, never silently ignored.
     """
+
+    accepts_y = False  # class default: modules pickled before the option existed
 
     def __init__(self, in_channels: int, variant: str = "sagan", *, spectral_norm: bool = False,
                  backend: str = "auto", qk_reduction: int = 8, v_reduction: Optional[int] = None,
-                 power_iteration_in_eval: bool = False):
+                 power_iteration_in_eval: bool = False, accepts_y: bool = False):
         super().__init__()
         if variant not in ("sagan", "biggan"):
             raise ValueError(f"variant must be 'sagan' or 'biggan', got {variant!r}")
@@ -76,7 +83,7 @@ class FusedSelfAttention(nn.Module):
         for name, r in (("qk_reduction", qk_reduction), ("v_reduction", v_reduction)):
             if not isinstance(in_channels, int) or in_channels <= 0 or in_channels % r:
                 raise ValueError(f"in_channels={in_channels!r} must be a positive int divisible by {name}={r}")
-        self.in_channels, self.variant, self.backend = in_channels, variant, backend
+        self.in_channels, self.variant, self.backend, self.accepts_y = in_channels, variant, backend, accepts_y
         dk, dv = in_channels // qk_reduction, in_channels // v_reduction
         conv = lambda i, o, bias: nn.Conv2d(i, o, kernel_size=1, bias=bias)  # noqa: E731
         if variant == "sagan":
@@ -98,12 +105,20 @@ class FusedSelfAttention(nn.Module):
 
     def _arguments(self):
         convs = self._convs()
-        weights = [_weight(c).flatten(1) for c in convs]
+        weights = [conv_weight(c).flatten(1) for c in convs]
         biases = [c.bias for c in convs[:3]]
         wo = weights[3] if len(weights) == 4 else None
         return weights[0], biases[0], weights[1], biases[1], weights[2], biases[2], wo
 
-    def forward(self, x: Tensor, return_attention: bool = False):
+    def _check_y(self, y) -> None:
+        if y is not None and not self.accepts_y:
+            raise TypeError(
+                f"{type(self).__name__}.forward takes x as its only positional argument (return_attention is "
+                f"keyword-only), got a second one of type {type(y).__name__}; a block standing in for BigGAN-PyTorch's "
+                f"Attention, which its G calls as block(h, y), is built with accepts_y=True")
+
+    def forward(self, x: Tensor, y=None, *, return_attention: bool = False):
+        self._check_y(y)
         if isinstance(x, Tensor) and x.dim() == 4 and x.shape[1] != self.in_channels:
             raise ValueError(f"x has {x.shape[1]} channels (shape {tuple(x.shape)}) but this FusedSelfAttention "
                              f"has in_channels={self.in_channels}")
@@ -118,7 +133,8 @@ class FusedSelfAttention(nn.Module):
         return out, attention
 
     def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}, variant={self.variant!r}, backend={self.backend!r}"
+        accepts_y = ", accepts_y=True" if self.accepts_y else ""
+        return f"in_channels={self.in_channels}, variant={self.variant!r}, backend={self.backend!r}{accepts_y}"
 
 
 class EagerSelfAttention(FusedSelfAttention):
@@ -126,7 +142,8 @@ class EagerSelfAttention(FusedSelfAttention):
     1x1 convs, a B x N x N bmm, softmax, another bmm. The A/B anchor (`sagan-train --ops eager`,
     the benchmarks); it keeps the N x N map alive for the backward."""
 
-    def forward(self, x: Tensor, return_attention: bool = False):
+    def forward(self, x: Tensor, y=None, *, return_attention: bool = False):
+        self._check_y(y)
         b, _, h, w = x.shape
         if self.variant == "sagan":
             q, k, v = (conv(x).flatten(2) for conv in (self.query_conv, self.key_conv, self.value_conv))

@@ -121,8 +121,15 @@ def replace_attention(model: nn.Module, *, backend: str = "auto", power_iteratio
     FusedSelfAttention holding its weights and SN state, on the same device, dtype and mode.
     Returns the swapped modules' names. The model's state dict keeps loading BigGAN checkpoints
     (the attention entries are converted on load); its attention entries are saved in torch's
-    layout (to_biggan_state_dict converts back). BigGAN's eval power iteration: see this module."""
+    layout (to_biggan_state_dict converts back). BigGAN's eval power iteration: see this module.
+
+    The new block keeps the old one's Parameter objects (weights and gamma, same order), so an
+    optimizer built before the swap (BigGAN's G.optim, D.optim) trains it, and it takes BigGAN's
+    block(h, y) calls (accepts_y). The SN buffers are new (torch's layout): code holding the old
+    block's state-dict tensors (BigGAN's utils.ema) does not see them. sagan_ext.fuse(model)
+    keeps the module objects and BigGAN's layout instead, and is the drop-in for training code."""
     from .attention import FusedSelfAttention
+    from .dropin import forward_takes_y
 
     swapped = []
     for name, old in list(model.named_modules())[1:]:  # the root itself cannot be swapped in place
@@ -135,15 +142,22 @@ def replace_attention(model: nn.Module, *, backend: str = "auto", power_iteratio
         biggan_sn = hasattr(theta, "u0")
         if biggan_sn and getattr(theta, "num_itrs", 1) != 1:
             raise ValueError(f"{name}: BigGAN SN with num_itrs={theta.num_itrs} is not supported (1 is BigGAN's default)")
-        new = FusedSelfAttention(channels, "biggan", spectral_norm=biggan_sn or _has_spectral_norm(theta),
+        spectral_norm = biggan_sn or _has_spectral_norm(theta)
+        new = FusedSelfAttention(channels, "biggan", spectral_norm=spectral_norm,
                                  backend=backend, qk_reduction=channels // theta.out_channels,
-                                 v_reduction=channels // g.out_channels, power_iteration_in_eval=power_iteration_in_eval)
+                                 v_reduction=channels // g.out_channels,
+                                 power_iteration_in_eval=power_iteration_in_eval,
+                                 accepts_y=forward_takes_y(old)[0] is True)
         new.to(device=theta.weight.device, dtype=theta.weight.dtype)
         new.load_state_dict(old.state_dict())
         for conv, old_conv in zip(new._convs(), convs):
             for hook in conv._forward_pre_hooks.values():
                 if isinstance(hook, torch_sn.SpectralNorm):
                     hook.eps = getattr(old_conv, "eps", hook.eps)
+            # the old Parameter objects, holding the values just loaded: optimizers built before keep training them
+            old_weight = old_conv.weight_orig if _has_spectral_norm(old_conv) else old_conv.weight
+            conv._parameters["weight_orig" if spectral_norm else "weight"] = old_weight
+        new.gamma = old.gamma
         new.train(old.training)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

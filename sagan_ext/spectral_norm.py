@@ -114,10 +114,11 @@ def sigma(module: nn.Module, name: str = "weight") -> Tensor:
 
 
 def spectral_norm_sigmas(model: nn.Module) -> dict[str, float]:
-    """{qualified module name: sigma} for every sagan_ext spectral-norm layer in `model` (one sync)."""
+    """{qualified module name: sigma} for every sagan_ext spectral-norm layer in `model` (one sync).
+    Hooks sagan_ext.fuse put in place of torch's keep no sigma (it adds no buffers) and are left out."""
     found = {f"{prefix}.{hook.name}".lstrip("."): getattr(m, hook.name + "_sigma")
              for prefix, m in model.named_modules() for hook in m._forward_pre_hooks.values()
-             if isinstance(hook, SpectralNorm)}
+             if isinstance(hook, SpectralNorm) and isinstance(getattr(m, hook.name + "_sigma", None), Tensor)}
     if not found:
         return {}
     values = torch.stack(list(found.values())).tolist()

@@ -113,6 +113,22 @@ def test_cuda_backend_keeps_tensor_core_paths_to_sm80(monkeypatch, capability, f
     assert cuda._tf32(torch.empty(0, device="meta"), True) is tf32
 
 
+@pytest.mark.parametrize("cls", [sagan_ext.FusedSelfAttention, sagan_ext.EagerSelfAttention])
+def test_return_attention_is_keyword_only_and_y_is_taken_only_where_biggan_passes_it(cls):
+    x, y = torch.randn(2, 16, 4, 4), torch.randn(2, 8)
+    plain = cls(16, "biggan")
+    with pytest.raises(TypeError, match=r"takes x as its only positional argument \(return_attention is keyword-only\)"
+                                        r", got a second one of type bool"):
+        plain(x, True)
+    with pytest.raises(TypeError, match="got a second one of type Tensor; .* accepts_y=True"):
+        plain(x, y)
+    taking_y = cls(16, "biggan", accepts_y=True)
+    taking_y.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(taking_y(x, y), plain(x), rtol=0, atol=0)
+    out, attention = taking_y(x, y, return_attention=True)
+    assert attention.shape == (2, 16, 4)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("variant", ["sagan", "biggan"])
 def test_opcheck_attention(backend, variant):

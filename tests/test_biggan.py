@@ -11,6 +11,7 @@ from sagan_ext import biggan
 
 from conftest import CPU_BACKENDS
 from sagan_modules import BigGANAttention, BigGANSNConv2d
+from third_party_models import biggan_models
 
 CONVS = ("theta", "phi", "g", "o")
 
@@ -162,3 +163,27 @@ def test_whole_models_replace_attention_and_convert_state_dicts():
     ported.load_state_dict(biggan.from_biggan_state_dict(theirs.state_dict()))
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     torch.testing.assert_close(ported(x), theirs(x), rtol=1e-10, atol=1e-10)
+
+
+def test_replace_attention_takes_biggans_y_and_keeps_the_optimizer():
+    # the older path to FusedSelfAttention modules (torch's SN layout): BigGAN's G calls block(h, y)
+    theirs, ours = biggan_models(0, False), biggan_models(0, False)
+    with torch.no_grad():
+        theirs.G.blocks[1][1].gamma.fill_(0.6), ours.G.blocks[1][1].gamma.fill_(0.6)
+    params = list(ours.G.parameters())
+    assert biggan.replace_attention(ours.G) == ["blocks.1.1"]
+    block = ours.G.blocks[1][1]
+    assert isinstance(block, sagan_ext.FusedSelfAttention) and block.accepts_y
+    # the same Parameter objects in the same order: G.optim, built in the constructor, trains the new block
+    assert len(list(ours.G.parameters())) == len(params)
+    assert all(a is b for a, b in zip(ours.G.parameters(), params))
+    z, y = torch.randn(3, 12, dtype=torch.float64), torch.randint(0, 5, (3,))
+    for t in (theirs, ours):
+        t.G.optim.zero_grad()
+        t.G(z, t.G.shared(y)).square().mean().backward()
+        t.G.optim.step()
+    for name in ("theta", "phi", "g", "o"):
+        torch.testing.assert_close(getattr(block, name).weight_orig, getattr(theirs.G.blocks[1][1], name).weight,
+                                   rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(block.gamma, theirs.G.blocks[1][1].gamma, rtol=1e-9, atol=1e-12)
+    assert block.gamma.item() != 0.6
