@@ -9,11 +9,10 @@
 #              every CUDA kernel (benchmarks/sanitizer_cases.cu, no torch), then memcheck on the
 #              Triton kernels' small cases; runs beside the tests         -> sanitizer.txt
 #   tests      tests/test_gpu.py and tests/test_triton.py on the GPU      -> tests.txt
-#   bench      the headline benchmark, spectral norm, the trainer step    -> bench_headline.json
-#              then the headline cases on compiled flex_attention         -> bench_flex.json
+#   bench      spectral norm, the trainer step, the headline benchmark    -> bench_headline.json
 #   grid       the wider grid, with whatever time is left                  -> bench_grid.json
-# then their tables (bench.md) and a summary, last. Everything printed is in gpu_check.log: eight
-# files in all, the most a device call brings back.
+# then their tables (bench.md) and a summary, last. Everything printed is in gpu_check.log: seven
+# files in all (a device call brings back at most eight).
 #   OUT=dir bash benchmarks/gpu_check.sh [stage ...]     # default: every stage, in the order above
 #   GPU_CHECK_BUDGET=400    seconds for the whole run; stages stop at fixed shares of it
 # Without a GPU every stage still runs what it can (the rehearsal): the GPU tests and benchmarks
@@ -140,16 +139,14 @@ benchmarks() {  # $1: stage, $2: JSON name, $3: % of the budget before which cas
 }
 
 bench() {
-  stage "bench: headline, spectral norm, trainer step"
-  benchmarks bench bench_headline 78 benchmarks/test_attention_gpu.py benchmarks/test_spectral_norm.py \
-    benchmarks/test_train_step.py -k "test_gpu_headline and not flex or all_layers or train_step"
-  stage "bench: flex_attention (a compile per case)"
-  benchmarks flex bench_flex 86 benchmarks/test_attention_gpu.py -k test_gpu_headline_flex
+  stage "bench: spectral norm, trainer step, headline"
+  benchmarks bench bench_headline 88 benchmarks/test_spectral_norm.py benchmarks/test_train_step.py \
+    benchmarks/test_attention_gpu.py -k "all_layers or train_step or test_gpu_headline"
 }
 
 grid() {
   stage grid
-  benchmarks grid bench_grid 93 benchmarks/test_attention_gpu.py -k grid
+  benchmarks grid bench_grid 95 benchmarks/test_attention_gpu.py -k grid
 }
 
 stages=("$@")
@@ -173,9 +170,7 @@ jsons=$(ls "$OUT"/bench_*.json 2>/dev/null)
 echo
 echo "== summary (t=$(elapsed) s of a $BUDGET s budget)"
 status=0
-summary=("${stages[@]}")
-[[ " ${stages[*]} " == *" bench "* ]] && summary+=(flex)
-for s in "${summary[@]}"; do
+for s in "${stages[@]}"; do
   r=${RESULT[$s]:-not run}
   echo "$s: $r"
   case "$r" in FAILED*) status=1 ;; esac

@@ -4,10 +4,10 @@ datasheet peak and of the measured matmul rate in its own precision, and peak me
 inputs; OOM, or the error, instead of a time when a contender cannot run the case.
 
 - test_gpu_headline: the paper block (B=64, C=256: dk 32, dv 256) at N = 1024 and 4096, in bf16,
-  fp32 and fp32 with TF32 allowed, forward and forward+backward: sagan_ext's backends (cuda,
-  triton, reference) against the eager bmm/softmax block and the block on
-  F.scaled_dot_product_attention(scale=1.0); then N = 16384, B = 16 in bf16.
-- test_gpu_headline_flex: the same cases on torch.compile'd flex_attention (compiled per case, so last).
+  fp32 with TF32 allowed and full fp32, forward and forward+backward: sagan_ext's backends (cuda,
+  triton, reference) against the eager bmm/softmax block, the block on
+  F.scaled_dot_product_attention(scale=1.0) and on torch.compile'd flex_attention; then
+  N = 16384, B = 16 in bf16.
 - test_gpu_grid_*: the wider grid (N 256 to 16384, C 64 to 512, fp16 too, each SDPA kernel forced,
   the BigGAN variant, torch.compile of the eager block).
 
@@ -103,26 +103,20 @@ def run_case(benchmark, contender, variant, shape, precision, backward, needs_s=
 
 PAPER_BLOCKS = [(64, 256, 32), (64, 256, 64)]  # (batch, channels, size): dk 32, dv 256, N = 1024, 4096
 LONG_BLOCK = (16, 256, 128)  # N = 16384
-HEADLINE_CONTENDERS = ["eager", "sdpa", "reference", "cuda", "triton"]
-HEADLINE = [(shape, precision, backward, contender)
-            for shape in PAPER_BLOCKS for precision in ("bf16", "fp32", "tf32") for backward in (False, True)
-            for contender in HEADLINE_CONTENDERS]
+# In the order a time-limited lease should measure them (a deadline skips the rest): bf16, then
+# TF32, then full fp32, each with flex_attention (a compile per case) after the others; N = 16384 last.
+HEADLINE = []
+for precision in ("bf16", "tf32", "fp32"):
+    HEADLINE += [(shape, precision, backward, contender) for shape in PAPER_BLOCKS for backward in (False, True)
+                 for contender in ("eager", "sdpa", "reference", "cuda", "triton")]
+    HEADLINE += [(shape, precision, backward, "flex") for shape in PAPER_BLOCKS for backward in (False, True)]
 HEADLINE += [(LONG_BLOCK, "bf16", True, contender) for contender in ("eager", "sdpa", "cuda", "triton")]
 case_id = lambda c: f"{shape_id(c[0])}-{c[1]}-{'fwd+bwd' if c[2] else 'fwd'}-{c[3]}"  # noqa: E731
 
 
 @pytest.mark.parametrize("shape, precision, backward, contender", HEADLINE, ids=[case_id(c) for c in HEADLINE])
 def test_gpu_headline(benchmark, shape, precision, backward, contender):
-    run_case(benchmark, contender, "sagan", shape, precision, backward)
-
-
-FLEX = [(shape, precision, backward, "flex") for precision in ("bf16", "tf32", "fp32") for shape in PAPER_BLOCKS
-        for backward in (False, True)]  # bf16 first: a lease may end before the rest
-
-
-@pytest.mark.parametrize("shape, precision, backward, contender", FLEX, ids=[case_id(c) for c in FLEX])
-def test_gpu_headline_flex(benchmark, shape, precision, backward, contender):
-    run_case(benchmark, contender, "sagan", shape, precision, backward, needs_s=60)  # a compile per case
+    run_case(benchmark, contender, "sagan", shape, precision, backward, needs_s=60 if contender == "flex" else 10)
 
 
 # ---------------------------------------------------------------------------------------------
