@@ -188,13 +188,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_backward_mma_kernel(con
 template <typename T, int DK, int DV>
 cudaError_t launch_attention_backward_mma(const AttentionParams& p, cudaStream_t stream) {
   using Tr = BackwardTraits<T, DK, DV>;
-  const auto kernel = attention_backward_mma_kernel<T, DK, DV>;
-  if (Tr::kSmemBytes > 48 * 1024) {  // above the default limit the kernel must opt in
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
-    if (e != cudaSuccess) return e;
-  }
-  kernel<<<dim3((p.m + Tr::kBlockN - 1) / Tr::kBlockN, p.batch), kThreads, Tr::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  const dim3 grid((p.m + Tr::kBlockN - 1) / Tr::kBlockN, p.batch);
+  return launch(attention_backward_mma_kernel<T, DK, DV>, grid, Tr::kSmemBytes, p, stream);
 }
 
 }  // namespace mma

@@ -186,14 +186,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_mma_kernel(cons
 template <typename T, int DK, int DV>
 cudaError_t launch_attention_forward_mma(const AttentionParams& p, cudaStream_t stream) {
   using Tr = ForwardTraits<T, DK, DV>;
-  const auto kernel = attention_forward_mma_kernel<T, DK, DV>;
-  if (Tr::kSmemBytes > 48 * 1024) {  // above the default limit the kernel must opt in
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
-    if (e != cudaSuccess) return e;
-  }
   const dim3 grid((p.n + Tr::kBlockM - 1) / Tr::kBlockM, p.batch, (p.dv + DV - 1) / DV);
-  kernel<<<grid, kThreads, Tr::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch(attention_forward_mma_kernel<T, DK, DV>, grid, Tr::kSmemBytes, p, stream);
 }
 
 }  // namespace mma

@@ -402,5 +402,20 @@ struct WarpGrid {
   static __device__ __forceinline__ int col0() { return 8 * kTilesPerWarp * (warp_id() / kRowWarps); }
 };
 
+// ---------------------------------------------------------------------------------------------
+// launches
+
+// kernel<<<grid, kThreads, smem_bytes, stream>>>(p), opting in to more than the default 48 KB of
+// dynamic shared memory first.
+template <typename Kernel>
+cudaError_t launch(Kernel kernel, dim3 grid, int smem_bytes, const AttentionParams& p, cudaStream_t stream) {
+  if (smem_bytes > 48 * 1024) {
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (e != cudaSuccess) return e;
+  }
+  kernel<<<grid, kThreads, smem_bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
 }  // namespace mma
 }  // namespace sagan_ext
