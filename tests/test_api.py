@@ -78,7 +78,16 @@ def test_available_backends_explain_themselves():
     assert select("auto", torch.device("cpu"), torch.float32).name == "cpu"
 
 
-def test_backward_gets_the_forwards_tf32_choice(monkeypatch):
+@pytest.fixture
+def restore_tf32_flag():
+    """Puts torch.backends.cuda.matmul.allow_tf32 back after the test. Not monkeypatch: the flag is
+    a property of torch's cuBLASModule (not in its __dict__), which pytest 9's monkeypatch cannot undo."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_backward_gets_the_forwards_tf32_choice(monkeypatch, restore_tf32_flag):
     # GPU backends recompute the scores in the backward with the forward's arithmetic: if the TF32
     # flag flips between forward and backward (a context manager around the forward, say), the
     # backward must still be told what the forward did, or p = exp(s - m) / l stops summing to 1.
@@ -89,10 +98,10 @@ def test_backward_gets_the_forwards_tf32_choice(monkeypatch):
                         lambda *args: seen.append(args[-1]) or backward(*args))
     inputs = attention_inputs("sagan", 1, 16, 3, 4, dtype=torch.float32)
     for forward_flag in (True, False):
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", forward_flag)
+        torch.backends.cuda.matmul.allow_tf32 = forward_flag
         out = sagan_ext.self_attention(inputs["x"], inputs["wq"], inputs["wk"], inputs["wv"], inputs["gamma"],
                                        backend="reference")
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", not forward_flag)
+        torch.backends.cuda.matmul.allow_tf32 = not forward_flag
         out.sum().backward()
     assert seen == [True, False]
 
