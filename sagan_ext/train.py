@@ -36,7 +36,8 @@ from .data import DatasetError, ImageDataset, batch_indices, load_dataset, to_fl
 from .evaluation import (InceptionFID, attention_overlays, feature_statistics, frechet_distance, grid,
                          load_or_train_classifier, sample, save_png)
 from .files import WriteError, remove_temporary_files, write_atomically, write_text_atomically
-from .models import IMAGE_SIZES, build_models, default_attention_resolution, layer_sigmas, sync_batch_norm
+from .models import (IMAGE_SIZES, build_models, default_attention_resolution, has_conv_bias, layer_sigmas,
+                     sync_batch_norm)
 
 # ---------------------------------------------------------------------------------------------
 # Options: defaults < --config file < the run's saved config (--resume) < the command line.
@@ -355,9 +356,15 @@ class Trainer:
         self.memory_format = torch.channels_last if o["channels_last"] else torch.contiguous_format
 
         torch.manual_seed(o["seed"])
+        resume_from = self.latest_checkpoint() if o["resume"] else None
+        g_conv_bias = resume_from is not None and has_conv_bias(resume_from[1]["G"])
+        if g_conv_bias:
+            self.say("this run's G has biases in its block convs (written by an earlier sagan_ext): it continues "
+                     "with them; a new run's G has none")
         try:
             g, d = build_models(o["image_size"], self.data.channels, self.num_classes, ch=o["ch"], d_ch=o["d_ch"],
-                                z_dim=o["z_dim"], attention_res=o["attention_res"], attention=o["attention"], ops=o["ops"])
+                                z_dim=o["z_dim"], attention_res=o["attention_res"], attention=o["attention"], ops=o["ops"],
+                                g_conv_bias=g_conv_bias)
         except ValueError as e:
             raise UsageError(str(e)) from e
         if o["sync_bn"]:
@@ -372,8 +379,8 @@ class Trainer:
         self.scaler_g = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.scaler_d = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.step = 0
-        if o["resume"]:
-            self.restore()
+        if resume_from:
+            self.restore(*resume_from)
 
         self.G_run, self.D_run, self.D_ddp = self.G, self.D, None  # what the step calls: DDP-wrapped, compiled
         if self.world > 1:
@@ -385,12 +392,14 @@ class Trainer:
         self.noise = torch.Generator(self.device)
 
     # -- resume and checkpoints ------------------------------------------------------------------
-    def restore(self) -> None:
+    def latest_checkpoint(self) -> tuple[Path, dict]:
         found = checkpoints(self.run)
         if not found:
             raise UsageError(f"--resume {self.run}: no checkpoints in {self.run / 'checkpoints'}")
         self.say(f"resuming from {found[-1]}...")
-        state = load_checkpoint(found[-1], self.device)
+        return found[-1], load_checkpoint(found[-1], self.device)
+
+    def restore(self, path: Path, state: dict) -> None:
         self.G.load_state_dict(state["G"])
         self.D.load_state_dict(state["D"])
         if self.ema is not None:
@@ -400,7 +409,7 @@ class Trainer:
         self.scaler_g.load_state_dict(state["scaler_g"])
         self.scaler_d.load_state_dict(state["scaler_d"])
         self.step = state["step"]
-        self.resumed_from = found[-1]
+        self.resumed_from = path
 
     def save_checkpoint(self) -> Path | None:
         """Called only after Guard.check at the same step, which stops the run if any tensor saved
@@ -861,9 +870,11 @@ def sample_main(argv: list[str] | None = None) -> int:
             raise UsageError(f"{path}: no such run folder or checkpoint")
         state = load_checkpoint(path, torch.device(a.device))
         o = state["config"]
+        g_state = state["G_ema"] or state["G"]
         g, _ = build_models(o["image_size"], state["channels"], state["num_classes"], ch=o["ch"], d_ch=o["d_ch"],
-                            z_dim=o["z_dim"], attention_res=o["attention_res"], attention=o["attention"], ops=o["ops"])
-        g.load_state_dict(state["G_ema"] or state["G"])
+                            z_dim=o["z_dim"], attention_res=o["attention_res"], attention=o["attention"], ops=o["ops"],
+                            g_conv_bias=has_conv_bias(g_state))
+        g.load_state_dict(g_state)
         g = g.to(a.device).eval()
         num_classes = state["num_classes"]
         classes = a.classes if a.classes else list(range(min(num_classes, 10)))
