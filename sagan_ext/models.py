@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.nn.functional import all_reduce
 
 from .attention import EagerSelfAttention, FusedSelfAttention
 from .spectral_norm import spectral_norm as fused_spectral_norm
@@ -48,6 +47,29 @@ class ConditionalBatchNorm2d(nn.Module):
         if not hasattr(self, "gain"):
             return x
         return x * self.gain(y)[:, :, None, None] + self.bias(y)[:, :, None, None]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """The sum over the default process group's ranks, differentiable: every rank's output is the
+    same sum of every rank's input, so an input's gradient is the sum of every rank's output
+    gradient, another all-reduce. (torch.distributed.nn.functional.all_reduce does this but is
+    deprecated: it warned at every step; its suggested replacement is a private module.)"""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        total = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+
+def all_reduce(x: Tensor) -> Tensor:
+    return _AllReduceSum.apply(x)
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):

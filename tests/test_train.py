@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -171,12 +172,15 @@ def _sync_bn_rank(rank: int, world: int, store: str, inputs: dict, out: str) -> 
     bn.load_state_dict(inputs["state"])
     share = slice(rank * 2, rank * 2 + 2)
     x = inputs["x"][share].clone().requires_grad_()
-    bn(x * 3 + 1)  # a first step of the running statistics
-    (bn(x) * inputs["dy"][share]).sum().backward()
+    with warnings.catch_warnings(record=True) as caught:  # a step must not warn (it did: a deprecated all_reduce)
+        warnings.simplefilter("always")
+        bn(x * 3 + 1)  # a first step of the running statistics
+        (bn(x) * inputs["dy"][share]).sum().backward()
     for p in bn.parameters():  # the global batch's gradient: the sum of the ranks' parts
         torch.distributed.all_reduce(p.grad)
     torch.save(dict(y=bn.train()(x.detach()), eval_y=bn.eval()(x.detach()), dx=x.grad, dweight=bn.weight.grad,
-                    dbias=bn.bias.grad, state=bn.state_dict()), f"{out}.{rank}")
+                    dbias=bn.bias.grad, state=bn.state_dict(), warnings=[str(w.message) for w in caught]),
+               f"{out}.{rank}")
     torch.distributed.destroy_process_group()
 
 
@@ -197,6 +201,7 @@ def test_sync_batch_norm_is_batch_norm_over_the_global_batch(tmp_path):
     for key, value in expected.items():
         torch.testing.assert_close(torch.cat([r[key] for r in ranks]), value, rtol=1e-10, atol=1e-10, msg=key)
     for r in ranks:
+        assert r["warnings"] == []
         torch.testing.assert_close(r["dweight"], reference.weight.grad, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(r["dbias"], reference.bias.grad, rtol=1e-10, atol=1e-10)
         for name, value in reference.state_dict().items():  # three updates: two above and the y row
