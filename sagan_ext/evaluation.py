@@ -4,7 +4,9 @@ conditional samples the classifier labels with their class), FID when the user s
 weights, sample grids and attention-map overlays."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -72,15 +74,38 @@ def train_classifier(dataset: ImageDataset, device: torch.device, seed: int = 0,
     return model, (predicted == labels[held_out.to(device)]).float().mean().item()
 
 
-def load_or_train_classifier(path: Path, dataset: ImageDataset, device: torch.device, seed: int = 0):
-    """The classifier cached in the run folder (trained once per run)."""
+def data_record(dataset: ImageDataset) -> dict:
+    """What a classifier was trained on, stored beside its weights to know that data again: the
+    dataset's name, image count, channels, classes and labels (a hash). Not the image size: the
+    classifier sees every dataset at 32 x 32."""
+    labels = hashlib.sha256(dataset.labels.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+    return dict(dataset=dataset.name, images=len(dataset), channels=dataset.channels,
+                num_classes=dataset.num_classes, class_names=list(dataset.class_names), labels=labels)
+
+
+def load_or_train_classifier(path: Path, dataset: ImageDataset, device: torch.device, seed: int = 0,
+                             say: Callable[[str], None] = print):
+    """The classifier cached in the run folder (trained once per run). One found there that was
+    trained on other data (its record differs, or, from before records, its weights do not fit
+    this dataset's classes and channels) or that cannot be read is trained again and replaced,
+    with a line saying so: it is a cache of what this run would train."""
+    record = data_record(dataset)
     if path.exists():
-        state = torch.load(path, map_location=device, weights_only=True)
-        model = FeatureClassifier(dataset.channels, dataset.num_classes).to(device)
-        model.load_state_dict(state["model"])
-        return model.eval(), state["accuracy"]
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+            saved = state.get("data")
+            if saved is not None and saved != record:
+                differ = ", ".join(f"{k} {saved.get(k)!r} here {record[k]!r}" for k in record if saved.get(k) != record[k])
+                problem = f"it was trained on other data ({differ[:300]})"
+            else:
+                model = FeatureClassifier(dataset.channels, dataset.num_classes).to(device)
+                model.load_state_dict(state["model"])
+                return model.eval(), state["accuracy"]
+        except Exception as e:  # not a classifier file, damaged, or weights of another shape
+            problem = f"it cannot be used for this dataset ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        say(f"{path}: {problem}; training a new one for {dataset.name} and replacing it...")
     model, accuracy = train_classifier(dataset, device, seed)
-    write_atomically(path, lambda f: torch.save({"model": model.state_dict(), "accuracy": accuracy}, f))
+    write_atomically(path, lambda f: torch.save({"model": model.state_dict(), "accuracy": accuracy, "data": record}, f))
     return model, accuracy
 
 

@@ -197,6 +197,42 @@ def test_full_disk_and_read_only_folder_get_one_message_and_touch_no_earlier_fil
     assert steps(tmp_path) == [1, 2, 3]
 
 
+def test_a_classifier_of_other_data_in_a_fresh_out_is_trained_again(tmp_path, classifier_file, capsys):
+    """classifier.pt is a cache of what the run would train: one from another dataset (other
+    classes and channels: its weights do not fit; or the same shapes and other labels: its record
+    says so) is trained again and replaced, with a line saying so, instead of a traceback or a
+    metric computed in the wrong feature space."""
+    rng = np.random.default_rng(0)
+    for name, labels in (("a", np.arange(12) % 3), ("b", np.arange(12) % 3 == 0)):
+        np.savez(tmp_path / f"{name}.npz", images=rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8),
+                 labels=labels.astype(np.int64) + (name == "b"))
+    args = [*TINY, "--steps", "1", "--eval-every", "1", "--checkpoint-every", "1", "--batch-size", "4"]
+    first = tmp_path / "first"
+    first.mkdir()
+    digits = torch.load(classifier_file, weights_only=True)  # 1 channel, 10 classes; saved as before records
+    torch.save({"model": digits["model"], "accuracy": digits["accuracy"]}, first / "classifier.pt")
+    assert train.main(["--out", str(first), "--dataset", str(tmp_path / "a.npz"), *args]) == 0
+    said = capsys.readouterr().out
+    assert f"{first / 'classifier.pt'}: it cannot be used for this dataset (RuntimeError" in said
+    saved = torch.load(first / "classifier.pt", weights_only=True)
+    assert saved["data"]["dataset"] == "a" and saved["data"]["num_classes"] == 3
+
+    second = tmp_path / "second"  # a's classifier (3 channels, 3 classes) beside b, whose labels differ
+    second.mkdir()
+    (second / "classifier.pt").write_bytes((first / "classifier.pt").read_bytes())
+    assert train.main(["--out", str(second), "--dataset", str(tmp_path / "b.npz"), *args]) == 0
+    said = capsys.readouterr().out
+    assert f"{second / 'classifier.pt'}: it was trained on other data (dataset 'a' here 'b'" in said
+    assert torch.load(second / "classifier.pt", weights_only=True)["data"]["dataset"] == "b"
+
+    third = tmp_path / "third"  # b's own classifier in a fresh --out for b: used as it is
+    third.mkdir()
+    (third / "classifier.pt").write_bytes((second / "classifier.pt").read_bytes())
+    assert train.main(["--out", str(third), "--dataset", str(tmp_path / "b.npz"), *args]) == 0
+    assert "training a new one" not in capsys.readouterr().out
+    assert (third / "classifier.pt").read_bytes() == (second / "classifier.pt").read_bytes()
+
+
 def test_fresh_run_into_an_existing_run_is_refused_without_overwrite(tmp_path, classifier_file, capsys):
     assert run(tmp_path, classifier_file, "--steps", "2", *QUICK) == 0
     snapshot = digests(tmp_path)
