@@ -65,6 +65,11 @@ class UsageError(Exception):
     """Bad options, data, checkpoint or run folder: one clear message, exit status 2."""
 
 
+class StoppedWithRankZero(UsageError):
+    """Another rank's side of a failure on rank 0 (a file it could not write): every rank stops
+    with exit status 2 at the same point instead of waiting for rank 0 in the next collective."""
+
+
 class TrainingDiverged(Exception):
     """A NaN/inf loss, parameter, buffer or optimizer state, or a loss beyond --max-loss: exit
     status 3; the last checkpoint, which is finite, is kept."""
@@ -411,13 +416,9 @@ class Trainer:
         self.step = state["step"]
         self.resumed_from = path
 
-    def save_checkpoint(self) -> Path | None:
-        """Called only after Guard.check at the same step, which stops the run if any tensor saved
-        here is not finite: every checkpoint is one a run can continue from."""
-        if self.world > 1:
-            self.check_replicas()
-        if not self.main:
-            return None
+    def save_checkpoint(self) -> Path:
+        """Rank 0's, after check_replicas and after Guard.check at the same step, which stops the run
+        if any tensor saved here is not finite: every checkpoint is one a run can continue from."""
         state = dict(step=self.step, G=self.G.state_dict(), D=self.D.state_dict(),
                      G_ema=self.ema.model.state_dict() if self.ema else None,
                      opt_g=self.opt_g.state_dict(), opt_d=self.opt_d.state_dict(),
@@ -443,6 +444,19 @@ class Trainer:
         if bool(finite.all()):
             return None
         return floats[int((~finite).nonzero()[0])][0]
+
+    def agree(self, failure: Exception | None) -> None:
+        """After rank 0 wrote (or failed to write) the run folder: raise `failure` on the rank that
+        had it, and StoppedWithRankZero on every other rank, so that all stop together (exit
+        status 2) rather than the others waiting for rank 0 in their next collective."""
+        if self.world > 1:
+            flag = torch.tensor([int(failure is not None)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and failure is None:
+                raise StoppedWithRankZero(f"rank {self.rank}: rank 0 could not write the run folder (its message "
+                                          f"says why); every rank stopped at step {self.step}")
+        if failure is not None:
+            raise failure
 
     def check_replicas(self) -> None:
         """Every rank must hold the same weights and spectral-norm vectors u, v. (BN running
@@ -574,7 +588,8 @@ class Outputs:
         classifier = self.run / "classifier.pt"
         t.say(f"loading the proxy classifier for the quality metrics ({classifier})..." if classifier.exists() else
               "training the proxy classifier for the quality metrics (once per run folder; about a minute on a CPU)...")
-        self.classifier, self.classifier_accuracy = load_or_train_classifier(classifier, t.data, t.device, o["seed"])
+        self.classifier, self.classifier_accuracy = load_or_train_classifier(classifier, t.data, t.device, o["seed"],
+                                                                             say=t.say)
         t.say("computing the real images' statistics" + (" and Inception features..." if o["inception"] else "..."))
         real = to_float(t.data.images[:10000]).to(t.device)
         with torch.no_grad():
@@ -733,9 +748,13 @@ class Guard:
 def train(o: dict) -> dict:
     """Train to o['steps'] G steps; returns a summary (the last metrics, paths)."""
     t = Trainer(o)
-    out = Outputs(t) if t.main else None
-    if t.world > 1:
-        dist.barrier()
+    out, failure = None, None
+    if t.main:
+        try:
+            out = Outputs(t)
+        except (UsageError, WriteError) as e:  # the other ranks must not wait for rank 0 (nor at a barrier)
+            failure = e
+    t.agree(failure)
     if out and o["progress"]:
         from tqdm import tqdm
         bar = tqdm(total=o["steps"], initial=t.step, unit="step", dynamic_ncols=True)
@@ -771,6 +790,7 @@ def train(o: dict) -> dict:
             if not (at_log or at_eval or at_checkpoint):
                 continue
             guard.check(last_checkpoint)
+            failure = None  # rank 0's write error: every rank takes part in the same collectives, then stops
             if at_log or at_eval:
                 means = torch.stack(list(sums.values())) / since
                 if t.world > 1:  # the global batch's: the mean of the ranks' means over equal shares
@@ -778,19 +798,30 @@ def train(o: dict) -> dict:
                     means /= t.world
                 means = dict(zip(sums, means.tolist()))
                 row = dict(step=t.step, images_per_s=images_per_step * since / (time.perf_counter() - clock), **means)
-                if out and at_eval:
-                    row.update(out.evaluate(t.step))
-                    say(f"step {t.step}: " + ", ".join(f"{k} {row[k]:.4g}" for k in
-                                                       ("loss_d", "loss_g", "fd_proxy", "class_consistency", "fid") if k in row))
-                if out:
-                    out.log(row)
+                try:
+                    if out and at_eval:
+                        row.update(out.evaluate(t.step))
+                        say(f"step {t.step}: " + ", ".join(f"{k} {row[k]:.4g}" for k in ("loss_d", "loss_g", "fd_proxy",
+                                                                                           "class_consistency", "fid")
+                                                           if k in row))
+                    if out:
+                        out.log(row)
+                except WriteError as e:
+                    failure = e
                 last_metrics = row
                 if bar:
                     bar.set_postfix({"img/s": f"{row['images_per_s']:.0f}", "D": f"{means['loss_d']:.3f}",
                                      "G": f"{means['loss_g']:.3f}"})
                 sums, since, clock = {}, 0, time.perf_counter()
             if at_checkpoint:
-                last_checkpoint = t.save_checkpoint() or last_checkpoint
+                if t.world > 1:
+                    t.check_replicas()
+                if t.main and failure is None:
+                    try:
+                        last_checkpoint = t.save_checkpoint()
+                    except WriteError as e:
+                        failure = e
+            t.agree(failure)
     except WriteError as e:
         raise UsageError(f"{e}. Training stopped at step {t.step}; the run's other files are as they were, its last "
                          f"checkpoint is {last_checkpoint or '(none yet)'}. Free space or make the folder writable, "
@@ -828,6 +859,9 @@ def closing_message(t: Trainer, last_checkpoint: Path | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     try:
         train(resolve_options(argv))
+    except StoppedWithRankZero as e:  # rank 0 printed the reason
+        print(f"sagan-train: stopped: {e}", file=sys.stderr)
+        return 2
     except UsageError as e:
         print(f"sagan-train: error: {e}", file=sys.stderr)
         return 2

@@ -197,6 +197,47 @@ def test_full_disk_and_read_only_folder_get_one_message_and_touch_no_earlier_fil
     assert steps(tmp_path) == [1, 2, 3]
 
 
+# rank 0 of a 2-process run whose writes to one file fail with ENOSPC; each rank leaves its exit status
+_RANK0_FULL_DISK = r"""
+import errno, os, sys
+from pathlib import Path
+from sagan_ext import evaluation, files, train
+real = files.write_atomically
+def failing(path, write):
+    if os.environ["RANK"] == "0" and Path(path).name == os.environ["FAILING_FILE"]:
+        raise files.WriteError(Path(path), OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    return real(path, write)
+train.write_atomically = evaluation.write_atomically = files.write_atomically = failing
+status = train.main(sys.argv[1:])
+Path(os.environ["STATUS_DIR"], os.environ["RANK"]).write_text(str(status))
+sys.exit(status)
+"""
+
+
+@pytest.mark.parametrize("failing_file", ["config.json", "step_0000002.pt"])
+def test_a_write_error_on_rank_zero_stops_every_rank(tmp_path, classifier_file, failing_file):
+    """Rank 0 alone writes the run folder. When it cannot (here while starting, or at a checkpoint),
+    the other ranks must stop with it, exit status 2, rather than wait for it in their next
+    collective (or die there with a traceback)."""
+    from test_train import free_port
+    out, status = tmp_path / "run", tmp_path / "status"
+    out.mkdir(), status.mkdir()
+    (out / "classifier.pt").write_bytes(classifier_file.read_bytes())
+    script = tmp_path / "rank0_full_disk.py"
+    script.write_text(_RANK0_FULL_DISK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAILING_FILE": failing_file, "STATUS_DIR": str(status),
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(script), "--out", str(out), *TINY, "--steps", "4",
+                           "--checkpoint-every", "2", "--eval-every", "100"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    log = done.stdout + done.stderr
+    assert {p.name: p.read_text() for p in status.iterdir()} == {"0": "2", "1": "2"}, log[-4000:]
+    assert f"sagan-train: error: cannot write {out}" in log and "No space left on device" in log
+    assert "rank 1: rank 0 could not write the run folder" in log
+    assert "[rank1]:" not in log, log[-4000:]  # no traceback from the rank that waited
+
+
 def test_a_classifier_of_other_data_in_a_fresh_out_is_trained_again(tmp_path, classifier_file, capsys):
     """classifier.pt is a cache of what the run would train: one from another dataset (other
     classes and channels: its weights do not fit; or the same shapes and other labels: its record
