@@ -8,6 +8,7 @@ import hashlib
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -173,11 +174,20 @@ def save_png(image: Tensor, path: Path) -> None:
 
 
 QUERY_POINTS = ((0.3, 0.3), (0.5, 0.65), (0.7, 0.4))  # (row, col) as fractions of the map
+QUERY_COLOURS = ((0.0, 1.0, 0.0), (0.0, 1.0, 1.0), (1.0, 0.0, 1.0))  # each point's marker: green, cyan, magenta
+LEGEND_TOP, LEGEND_BOTTOM = 16, 18  # pixels above the tiles (column titles) and below them (the colour scale)
+
+
+def _hot(heat: Tensor) -> Tensor:
+    """[0, 1] -> RGB, black through red and yellow to white."""
+    return torch.stack([(3 * heat).clamp(0, 1), (3 * heat - 1).clamp(0, 1), (3 * heat - 2).clamp(0, 1)])
 
 
 def attention_overlays(images: Tensor, attention: Tensor) -> Tensor:
     """One row per image: the image with the query points marked, then, per query point, where
-    that position attends (the attention row upsampled to the image, a heat map over a grey copy).
+    that position attends (the attention row upsampled to the image, a heat map over a grey copy),
+    with a legend: column titles naming each query point by its marker's colour above, and the
+    heat map's colour scale below (0 to the largest weight in that query's row).
     images: (B, C, S, S) in [-1, 1]; attention: (B, N, N_keys) for a square query map."""
     b, _, s, _ = images.shape
     side = int(round(attention.shape[1] ** 0.5))
@@ -188,18 +198,37 @@ def attention_overlays(images: Tensor, attention: Tensor) -> Tensor:
     for i in range(b):
         marked = rgb[i].clone()
         row = [marked]
-        for qr, qc in QUERY_POINTS:
+        for (qr, qc), colour in zip(QUERY_POINTS, QUERY_COLOURS):
             r, c = int(qr * side), int(qc * side)
             heat = attention[i, r * side + c].float().cpu().view(1, 1, key_side, key_side)
             heat = F.interpolate(heat / heat.max().clamp(min=1e-12), size=(s, s), mode="nearest")[0, 0]
-            hot = torch.stack([(3 * heat).clamp(0, 1), (3 * heat - 1).clamp(0, 1), (3 * heat - 2).clamp(0, 1)])
-            overlay = 0.45 * grey[i] + 0.55 * hot
+            overlay = 0.45 * grey[i] + 0.55 * _hot(heat)
             y, x = int((r + 0.5) * s / side), int((c + 0.5) * s / side)
-            for canvas in (marked, overlay):  # the query point as a small green square
-                canvas[:, max(y - 1, 0):y + 2, max(x - 1, 0):x + 2] = torch.tensor([0.0, 1.0, 0.0])[:, None, None]
+            for canvas in (marked, overlay):  # the query point as a small square in its colour
+                canvas[:, max(y - 1, 0):y + 2, max(x - 1, 0):x + 2] = torch.tensor(colour)[:, None, None]
             row.append(overlay)
         tiles += row
     tiles = torch.stack(tiles)
     if s < 64:  # small maps: enlarge (nearest) so that the overlays can be read
         tiles = F.interpolate(tiles, scale_factor=64 // s, mode="nearest")
-    return grid(tiles * 2 - 1, rows=b)
+    return _with_legend(grid(tiles * 2 - 1, rows=b), tiles.shape[-1] + 2)
+
+
+def _with_legend(body: Tensor, column: int) -> Tensor:
+    """body: uint8 (3, H, W) of columns `column` pixels wide -> (3, LEGEND_TOP + H + LEGEND_BOTTOM, W)."""
+    from PIL import Image, ImageDraw, ImageFont
+    _, h, w = body.shape
+    canvas = Image.new("RGB", (w, LEGEND_TOP + h + LEGEND_BOTTOM), (255, 255, 255))
+    canvas.paste(Image.fromarray(body.permute(1, 2, 0).numpy()), (0, LEGEND_TOP))
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    draw.text((3, 2), "image", fill=(0, 0, 0), font=font)
+    for k, colour in enumerate(QUERY_COLOURS, start=1):  # a swatch of the marker's colour, then its name
+        x = k * column + 3
+        draw.rectangle([x, 4, x + 7, 11], fill=tuple(int(255 * v) for v in colour), outline=(0, 0, 0))
+        draw.text((x + 11, 2), f"query {k}", fill=(0, 0, 0), font=font)
+    top, length = LEGEND_TOP + h + 4, min(96, max(w // 3, 16))  # the colour scale, 0 to the row's largest weight
+    draw.text((3, top - 2), "0", fill=(0, 0, 0), font=font)
+    ramp = (_hot(torch.linspace(0, 1, length)) * 255).round().to(torch.uint8)  # (3, length)
+    canvas.paste(Image.fromarray(ramp.T[None].expand(10, -1, -1).contiguous().numpy()), (14, top))
+    draw.text((18 + length, top - 2), "max attention of the query", fill=(0, 0, 0), font=font)
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).contiguous()

@@ -339,12 +339,40 @@ def test_attention_overlays_put_the_heat_where_the_attention_is():
     images = torch.zeros(1, 1, 16, 16)
     attention = torch.zeros(1, 64, 64)
     attention[0, :, 63] = 1.0  # every query looks at the bottom-right key
-    tiles = evaluation.attention_overlays(images, attention)  # (3, T + 2, 4 * (T + 2)), tiles upscaled
+    overlays = evaluation.attention_overlays(images, attention)  # the legend, then (3, T + 2, 4 * (T + 2))
+    tiles = overlays[:, evaluation.LEGEND_TOP:overlays.shape[1] - evaluation.LEGEND_BOTTOM]
     t = tiles.shape[1] - 2
     assert t >= 64 and tiles.shape[2] == 4 * (t + 2)
     heat = tiles[0, 1:t + 1, t + 3:2 * t + 3].float()  # red channel of the first overlay
     corner = t // 8
     assert heat[-corner:, -corner:].min() > 180 and heat[:t // 2, :t // 2].max() < 100
+
+
+def test_attention_overlays_have_a_legend_of_query_points_and_colour_scale():
+    """Above the tiles, each overlay column is titled with its query point's marker colour (the
+    same colour marks that point in the image and in its overlay); below, the heat's colour scale
+    from black (0) to white (the query's largest weight)."""
+    images = torch.zeros(2, 3, 32, 32)
+    overlays = evaluation.attention_overlays(images, torch.softmax(torch.randn(2, 256, 256), -1))
+    top, bottom = evaluation.LEGEND_TOP, overlays.shape[1] - evaluation.LEGEND_BOTTOM
+    column = (overlays.shape[2]) // 4
+
+    def has(region, colour):
+        target = torch.tensor([round(255 * v) for v in colour], dtype=torch.uint8)[:, None, None]
+        return bool((region == target).all(0).any())
+
+    for k, colour in enumerate(evaluation.QUERY_COLOURS, start=1):
+        assert has(overlays[:, :top, k * column:(k + 1) * column], colour), k  # its title's swatch
+        assert has(overlays[:, top:bottom, k * column:(k + 1) * column], colour), k  # its marker in its overlay
+        assert has(overlays[:, top:bottom, :column], colour), k  # and in the image
+        assert not has(overlays[:, top:bottom, (k % 3 + 1) * column:(k % 3 + 2) * column], colour), k
+    scale = overlays[:, bottom:].float()
+    brightness = scale.sum(0)
+    row = int((scale.std(0).sum(1)).argmax())  # the colour bar's middle row: the most colourful one
+    bar = [x for x in range(overlays.shape[2]) if scale[:, row, x].std() > 20]  # its coloured pixels
+    assert len(bar) > 20
+    ramp = brightness[row, bar[0]:bar[-1] + 1]
+    assert bool((ramp[1:] >= ramp[:-1]).all()) and ramp[0] < 100 and ramp[-1] > 600  # black ... white
 
 
 class FakeInception(torch.nn.Module):
