@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import difflib
 import io
 import json
 import os
@@ -75,8 +76,33 @@ class TrainingDiverged(Exception):
     status 3; the last checkpoint, which is finite, is kept."""
 
 
+def closest(given: str, known) -> str | None:
+    """The known option (or config key) closest to a mistyped one: --lr_g -> --lr-g, --lrg -> --lr-g."""
+    normal = lambda o: o.lower().replace("_", "-")  # noqa: E731
+    by_normal = {normal(k): k for k in known}
+    if normal(given) in by_normal:
+        return by_normal[normal(given)]
+    match = difflib.get_close_matches(normal(given), list(by_normal), n=1, cutoff=0.7)
+    return by_normal[match[0]] if match else None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a suggestion for an unknown option: "--lr_g (did you mean --lr-g?)"."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+            options = [arg.split("=", 1)[0] for arg in unknown if arg.startswith("-")]
+            guesses = [(o, closest(o, known)) for o in options]
+            guesses = [f"{guess} for {o}" if len(options) > 1 else guess for o, guess in guesses if guess]
+            self.error(f"unrecognized arguments: {' '.join(unknown)}"
+                       + (f" (did you mean {', '.join(guesses)}?)" if guesses else ""))
+        return parsed
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="sagan-train", argument_default=argparse.SUPPRESS,
         description="Train a class-conditional SAGAN with sagan_ext's fused attention and spectral norm. "
                     "The defaults train on the embedded handwritten digits on this machine.",
@@ -161,7 +187,9 @@ def read_config_file(path: str) -> dict:
     values = {k.replace("-", "_"): v for k, v in values.items()}
     unknown = sorted(set(values) - set(DEFAULTS))
     if unknown:
-        raise UsageError(f"--config {path}: unknown options {unknown}")
+        guesses = [f"{k} (did you mean {closest(k, DEFAULTS).replace('-', '_')}?)" if closest(k, DEFAULTS) else k
+                   for k in unknown]
+        raise UsageError(f"--config {path}: unknown options: {', '.join(guesses)}")
     return values
 
 
@@ -878,7 +906,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def sample_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sagan-sample", description=sample_main.__doc__)
+    p = ArgumentParser(prog="sagan-sample", description=sample_main.__doc__)
     p.add_argument("--version", action="version", version=version_line("sagan-sample"))
     p.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint file")
     p.add_argument("--output", default="samples.png", help="PNG file (default samples.png)")

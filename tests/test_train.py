@@ -221,6 +221,25 @@ def test_bad_arguments_get_one_clear_message(tmp_path, args, message, capsys):
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--lr_g", "2e-4"], "unrecognized arguments: --lr_g 2e-4 (did you mean --lr-g?)"),
+    (["--batchsize", "4"], "unrecognized arguments: --batchsize 4 (did you mean --batch-size?)"),
+    (["--ema_decay=0.9", "--lr_d", "1"], "(did you mean --ema-decay for --ema_decay, --lr-d for --lr_d?)"),
+    (["--no-such-thing", "3"], "unrecognized arguments: --no-such-thing 3\n"),
+])
+def test_a_mistyped_option_gets_the_closest_one(tmp_path, args, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        train.main(["--out", str(tmp_path / "run"), *args])
+    assert exit.value.code == 2
+    assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.sample_main([str(tmp_path), "--per_class", "3"])
+    assert "(did you mean --per-class?)" in capsys.readouterr().err
+    (tmp_path / "options.json").write_text('{"lr_gg": 1, "steps": 2, "zzz": 0}')
+    assert train.main(["--config", str(tmp_path / "options.json")]) == 2
+    assert "unknown options: lr_gg (did you mean lr_g?), zzz" in capsys.readouterr().err
+
+
 def test_bad_dataset_folder_and_corrupt_checkpoint(tmp_path, classifier_file, capsys):
     (tmp_path / "empty").mkdir()
     assert train.main(["--out", str(tmp_path / "a"), *TINY, "--dataset", str(tmp_path / "empty")]) == 2
