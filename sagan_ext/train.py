@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import __version__
+from .backends import select
 from .data import DatasetError, ImageDataset, batch_indices, load_dataset, to_float
 from .evaluation import (InceptionFID, attention_overlays, feature_statistics, frechet_distance, grid,
                          load_or_train_classifier, sample, save_png)
@@ -402,6 +403,9 @@ class Trainer:
             raise UsageError(str(e)) from e
         if o["sync_bn"]:
             g = sync_batch_norm(g)  # D has no batch norm
+        if o["ops"] == "fused":  # the kernels now: a first build takes a while (and says so) before the
+            for dtype in {torch.float32, self.amp_dtype or torch.float32}:  # progress bar starts, not in its ETA
+                select("auto", self.device, dtype, torch.backends.cuda.matmul.allow_tf32)
         self.G = g.to(self.device, memory_format=self.memory_format)
         self.D = d.to(self.device, memory_format=self.memory_format)
         self.ema = EMA(self.G, o["ema_decay"]) if o["ema_decay"] > 0 else None

@@ -52,6 +52,28 @@ def test_tiny_run_writes_everything(tmp_path, classifier_file, image_size, ops):
         assert im.size == (8 * (image_size + 2), 10 * (image_size + 2))
 
 
+def test_a_first_kernel_build_is_announced_before_the_progress_bar_starts(tmp_path, classifier_file, monkeypatch,
+                                                                          capsys):
+    """The JIT build of the kernels (here: its announcement, then the real loader, which finds
+    the library built) runs before the bar, so that it neither interrupts the bar nor counts in
+    its ETA."""
+    from sagan_ext import _build
+    real = _build._jit_build
+
+    def announced_build(kind):
+        print(f"sagan_ext: compiling the {kind} kernels (test)...", file=sys.stderr, flush=True)
+        return real(kind)
+
+    monkeypatch.setattr(_build, "_status", {})  # as in a fresh process: nothing loaded yet
+    monkeypatch.setattr(_build, "_jit_build", announced_build)
+    shutil.copy(classifier_file, tmp_path / "classifier.pt")
+    assert train.main(["--out", str(tmp_path), *[a for a in TINY if a != "--no-progress"], "--steps", "2",
+                       "--eval-every", "100", "--checkpoint-every", "100"]) == 0
+    err = capsys.readouterr().err
+    assert "compiling the cpu kernels (test)" in err and "2/2" in err  # the bar ran to its end
+    assert err.index("compiling the cpu kernels (test)") < err.index("0/2")  # and started after the build
+
+
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, classifier_file):
     common = ["--steps", "4", "--checkpoint-every", "2", "--eval-every", "100"]
     assert run(tmp_path / "straight", classifier_file, *common) == 0
