@@ -96,7 +96,8 @@ def load_or_train_classifier(path: Path, dataset: ImageDataset, device: torch.de
             state = torch.load(path, map_location=device, weights_only=True)
             saved = state.get("data")
             if saved is not None and saved != record:
-                differ = ", ".join(f"{k} {saved.get(k)!r} here {record[k]!r}" for k in record if saved.get(k) != record[k])
+                differ = ", ".join(f"{k} {saved.get(k)!r} here {record[k]!r}" for k in record
+                                   if saved.get(k) != record[k])
                 problem = f"it was trained on other data ({differ[:300]})"
             else:
                 model = FeatureClassifier(dataset.channels, dataset.num_classes).to(device)

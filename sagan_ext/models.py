@@ -244,7 +244,8 @@ def _check_architecture(image_size: int, ch: int, attention_res: int | None) -> 
 
 def has_conv_bias(g_state: dict) -> bool:
     """Whether a G state dict is of the earlier G whose block convs had biases (Generator's conv_bias)."""
-    return any(k.startswith("blocks.") and k.endswith((".conv1.bias", ".conv2.bias", ".shortcut.bias")) for k in g_state)
+    return any(k.startswith("blocks.") and k.endswith((".conv1.bias", ".conv2.bias", ".shortcut.bias"))
+               for k in g_state)
 
 
 def _init_weights(model: nn.Module) -> None:

@@ -397,8 +397,8 @@ class Trainer:
                      "with them; a new run's G has none")
         try:
             g, d = build_models(o["image_size"], self.data.channels, self.num_classes, ch=o["ch"], d_ch=o["d_ch"],
-                                z_dim=o["z_dim"], attention_res=o["attention_res"], attention=o["attention"], ops=o["ops"],
-                                g_conv_bias=g_conv_bias)
+                                z_dim=o["z_dim"], attention_res=o["attention_res"], attention=o["attention"],
+                                ops=o["ops"], g_conv_bias=g_conv_bias)
         except ValueError as e:
             raise UsageError(str(e)) from e
         if o["sync_bn"]:
@@ -938,8 +938,8 @@ def sample_main(argv: list[str] | None = None) -> int:
         o = state["config"]
         g_state = state["G_ema"] or state["G"]
         g, _ = build_models(o["image_size"], state["channels"], state["num_classes"], ch=o["ch"], d_ch=o["d_ch"],
-                            z_dim=o["z_dim"], attention_res=o["attention_res"], attention=o["attention"], ops=o["ops"],
-                            g_conv_bias=has_conv_bias(g_state))
+                            z_dim=o["z_dim"], attention_res=o["attention_res"], attention=o["attention"],
+                            ops=o["ops"], g_conv_bias=has_conv_bias(g_state))
         g.load_state_dict(g_state)
         g = g.to(a.device).eval()
         num_classes = state["num_classes"]
