@@ -290,7 +290,7 @@ def test_config_file_sets_options(tmp_path):
     o = train.resolve_options(["--config", str(cfg), "--steps", "9"])
     assert (o["steps"], o["lr_g"], o["loss"], o["lr_d"]) == (9, 2e-4, "ns", 4e-4)
     (tmp_path / "bad.json").write_text('{"stepz": 3}')
-    with pytest.raises(train.UsageError, match=r"unknown options \['stepz'\]"):
+    with pytest.raises(train.UsageError, match=r"unknown options: stepz \(did you mean steps\?\)"):
         train.resolve_options(["--config", str(tmp_path / "bad.json")])
 
 
