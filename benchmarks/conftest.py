@@ -1,6 +1,7 @@
 """pytest-benchmark set-up for the side-by-side runs: machine info (with the measured matmul peak),
 pytest-benchmark's own table grouped per test and shape, and, at the end of the run, the comparison
 tables (report.py's, the same as `python benchmarks/report.py results.json` writes)."""
+import os
 import platform
 import sys
 from collections import defaultdict
@@ -65,6 +66,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         machine_info["measured_copy_gb_per_s"] = _copy_bandwidth_gb_per_s()
     machine_info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
                                       if ln.startswith("model name")), platform.processor())
+    machine_info["cpu_cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     _machine_info.update(machine_info)
 
 

@@ -52,11 +52,17 @@ def parse(data: dict):
     return data["machine_info"], timing, memory
 
 
+def device_line(machine) -> str:
+    """The machine the figures came from, as the README names it: the GPU, or the CPU model and its
+    cores; torch and its threads."""
+    cores = machine.get("cpu_cores") or (machine.get("cpu") or {}).get("count")  # older JSON: py-cpuinfo's count
+    device = machine.get("cuda_device") or f"{machine.get('cpu_model')}" + (f", {cores} cores" if cores else "")
+    return f"{device}; torch {machine.get('torch')}, {machine.get('torch_threads')} threads"
+
+
 def markdown(machine, timing, memory) -> str:
     peak = machine.get("measured_matmul_gflops")
-    lines = [f"Device: {machine.get('cuda_device') or machine.get('cpu_model')}; torch {machine.get('torch')}, "
-             f"{machine.get('torch_threads')} threads; measured fp32 matmul peak "
-             f"{peak:.0f} GFLOP/s" if peak else "", ""]
+    lines = [f"Device: {device_line(machine)}; measured fp32 matmul peak {peak:.0f} GFLOP/s" if peak else "", ""]
     cpu_rows = {k: v for k, v in timing.items()
                 if not str(k[0]).startswith("gpu") and k[0] not in ("spectral norm", "train step")}
     if cpu_rows:

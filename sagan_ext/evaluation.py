@@ -4,8 +4,11 @@ conditional samples the classifier labels with their class), FID when the user s
 weights, sample grids and attention-map overlays."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -72,15 +75,39 @@ def train_classifier(dataset: ImageDataset, device: torch.device, seed: int = 0,
     return model, (predicted == labels[held_out.to(device)]).float().mean().item()
 
 
-def load_or_train_classifier(path: Path, dataset: ImageDataset, device: torch.device, seed: int = 0):
-    """The classifier cached in the run folder (trained once per run)."""
+def data_record(dataset: ImageDataset) -> dict:
+    """What a classifier was trained on, stored beside its weights to know that data again: the
+    dataset's name, image count, channels, classes and labels (a hash). Not the image size: the
+    classifier sees every dataset at 32 x 32."""
+    labels = hashlib.sha256(dataset.labels.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+    return dict(dataset=dataset.name, images=len(dataset), channels=dataset.channels,
+                num_classes=dataset.num_classes, class_names=list(dataset.class_names), labels=labels)
+
+
+def load_or_train_classifier(path: Path, dataset: ImageDataset, device: torch.device, seed: int = 0,
+                             say: Callable[[str], None] = print):
+    """The classifier cached in the run folder (trained once per run). One found there that was
+    trained on other data (its record differs, or, from before records, its weights do not fit
+    this dataset's classes and channels) or that cannot be read is trained again and replaced,
+    with a line saying so: it is a cache of what this run would train."""
+    record = data_record(dataset)
     if path.exists():
-        state = torch.load(path, map_location=device, weights_only=True)
-        model = FeatureClassifier(dataset.channels, dataset.num_classes).to(device)
-        model.load_state_dict(state["model"])
-        return model.eval(), state["accuracy"]
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+            saved = state.get("data")
+            if saved is not None and saved != record:
+                differ = ", ".join(f"{k} {saved.get(k)!r} here {record[k]!r}" for k in record
+                                   if saved.get(k) != record[k])
+                problem = f"it was trained on other data ({differ[:300]})"
+            else:
+                model = FeatureClassifier(dataset.channels, dataset.num_classes).to(device)
+                model.load_state_dict(state["model"])
+                return model.eval(), state["accuracy"]
+        except Exception as e:  # not a classifier file, damaged, or weights of another shape
+            problem = f"it cannot be used for this dataset ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        say(f"{path}: {problem}; training a new one for {dataset.name} and replacing it...")
     model, accuracy = train_classifier(dataset, device, seed)
-    write_atomically(path, lambda f: torch.save({"model": model.state_dict(), "accuracy": accuracy}, f))
+    write_atomically(path, lambda f: torch.save({"model": model.state_dict(), "accuracy": accuracy, "data": record}, f))
     return model, accuracy
 
 
@@ -148,11 +175,20 @@ def save_png(image: Tensor, path: Path) -> None:
 
 
 QUERY_POINTS = ((0.3, 0.3), (0.5, 0.65), (0.7, 0.4))  # (row, col) as fractions of the map
+QUERY_COLOURS = ((0.0, 1.0, 0.0), (0.0, 1.0, 1.0), (1.0, 0.0, 1.0))  # each point's marker: green, cyan, magenta
+LEGEND_TOP, LEGEND_BOTTOM = 16, 18  # pixels above the tiles (column titles) and below them (the colour scale)
+
+
+def _hot(heat: Tensor) -> Tensor:
+    """[0, 1] -> RGB, black through red and yellow to white."""
+    return torch.stack([(3 * heat).clamp(0, 1), (3 * heat - 1).clamp(0, 1), (3 * heat - 2).clamp(0, 1)])
 
 
 def attention_overlays(images: Tensor, attention: Tensor) -> Tensor:
     """One row per image: the image with the query points marked, then, per query point, where
-    that position attends (the attention row upsampled to the image, a heat map over a grey copy).
+    that position attends (the attention row upsampled to the image, a heat map over a grey copy),
+    with a legend: column titles naming each query point by its marker's colour above, and the
+    heat map's colour scale below (0 to the largest weight in that query's row).
     images: (B, C, S, S) in [-1, 1]; attention: (B, N, N_keys) for a square query map."""
     b, _, s, _ = images.shape
     side = int(round(attention.shape[1] ** 0.5))
@@ -163,18 +199,37 @@ def attention_overlays(images: Tensor, attention: Tensor) -> Tensor:
     for i in range(b):
         marked = rgb[i].clone()
         row = [marked]
-        for qr, qc in QUERY_POINTS:
+        for (qr, qc), colour in zip(QUERY_POINTS, QUERY_COLOURS):
             r, c = int(qr * side), int(qc * side)
             heat = attention[i, r * side + c].float().cpu().view(1, 1, key_side, key_side)
             heat = F.interpolate(heat / heat.max().clamp(min=1e-12), size=(s, s), mode="nearest")[0, 0]
-            hot = torch.stack([(3 * heat).clamp(0, 1), (3 * heat - 1).clamp(0, 1), (3 * heat - 2).clamp(0, 1)])
-            overlay = 0.45 * grey[i] + 0.55 * hot
+            overlay = 0.45 * grey[i] + 0.55 * _hot(heat)
             y, x = int((r + 0.5) * s / side), int((c + 0.5) * s / side)
-            for canvas in (marked, overlay):  # the query point as a small green square
-                canvas[:, max(y - 1, 0):y + 2, max(x - 1, 0):x + 2] = torch.tensor([0.0, 1.0, 0.0])[:, None, None]
+            for canvas in (marked, overlay):  # the query point as a small square in its colour
+                canvas[:, max(y - 1, 0):y + 2, max(x - 1, 0):x + 2] = torch.tensor(colour)[:, None, None]
             row.append(overlay)
         tiles += row
     tiles = torch.stack(tiles)
     if s < 64:  # small maps: enlarge (nearest) so that the overlays can be read
         tiles = F.interpolate(tiles, scale_factor=64 // s, mode="nearest")
-    return grid(tiles * 2 - 1, rows=b)
+    return _with_legend(grid(tiles * 2 - 1, rows=b), tiles.shape[-1] + 2)
+
+
+def _with_legend(body: Tensor, column: int) -> Tensor:
+    """body: uint8 (3, H, W) of columns `column` pixels wide -> (3, LEGEND_TOP + H + LEGEND_BOTTOM, W)."""
+    from PIL import Image, ImageDraw, ImageFont
+    _, h, w = body.shape
+    canvas = Image.new("RGB", (w, LEGEND_TOP + h + LEGEND_BOTTOM), (255, 255, 255))
+    canvas.paste(Image.fromarray(body.permute(1, 2, 0).numpy()), (0, LEGEND_TOP))
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    draw.text((3, 2), "image", fill=(0, 0, 0), font=font)
+    for k, colour in enumerate(QUERY_COLOURS, start=1):  # a swatch of the marker's colour, then its name
+        x = k * column + 3
+        draw.rectangle([x, 4, x + 7, 11], fill=tuple(int(255 * v) for v in colour), outline=(0, 0, 0))
+        draw.text((x + 11, 2), f"query {k}", fill=(0, 0, 0), font=font)
+    top, length = LEGEND_TOP + h + 4, min(96, max(w // 3, 16))  # the colour scale, 0 to the row's largest weight
+    draw.text((3, top - 2), "0", fill=(0, 0, 0), font=font)
+    ramp = (_hot(torch.linspace(0, 1, length)) * 255).round().to(torch.uint8)  # (3, length)
+    canvas.paste(Image.fromarray(ramp.T[None].expand(10, -1, -1).contiguous().numpy()), (14, top))
+    draw.text((18 + length, top - 2), "max attention of the query", fill=(0, 0, 0), font=font)
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).contiguous()

@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.nn.functional import all_reduce
 
 from .attention import EagerSelfAttention, FusedSelfAttention
 from .spectral_norm import spectral_norm as fused_spectral_norm
@@ -48,6 +47,29 @@ class ConditionalBatchNorm2d(nn.Module):
         if not hasattr(self, "gain"):
             return x
         return x * self.gain(y)[:, :, None, None] + self.bias(y)[:, :, None, None]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """The sum over the default process group's ranks, differentiable: every rank's output is the
+    same sum of every rank's input, so an input's gradient is the sum of every rank's output
+    gradient, another all-reduce. (torch.distributed.nn.functional.all_reduce does this but is
+    deprecated: it warned at every step; its suggested replacement is a private module.)"""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        total = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+
+def all_reduce(x: Tensor) -> Tensor:
+    return _AllReduceSum.apply(x)
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):
@@ -90,15 +112,16 @@ def sync_batch_norm(model: nn.Module) -> nn.Module:
 
 
 class GBlock(nn.Module):
-    """BN-ReLU-upsample-conv3x3-BN-ReLU-conv3x3, plus an upsampled 1x1 conv shortcut."""
+    """BN-ReLU-upsample-conv3x3-BN-ReLU-conv3x3, plus an upsampled 1x1 conv shortcut. The convs
+    have no bias (see Generator)."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_classes: int):
+    def __init__(self, in_channels: int, out_channels: int, num_classes: int, conv_bias: bool = False):
         super().__init__()
         self.bn1 = ConditionalBatchNorm2d(in_channels, num_classes)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=conv_bias)
         self.bn2 = ConditionalBatchNorm2d(out_channels, num_classes)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.shortcut = nn.Conv2d(in_channels, out_channels, 1)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=conv_bias)
+        self.shortcut = nn.Conv2d(in_channels, out_channels, 1, bias=conv_bias)
 
     def forward(self, x: Tensor, y: Tensor | None) -> Tensor:
         h = F.interpolate(F.relu(self.bn1(x, y)), scale_factor=2.0)
@@ -135,15 +158,32 @@ def _attention(channels: int, variant: str, ops: str) -> FusedSelfAttention:
 
 
 class Generator(nn.Module):
+    """The GBlocks' convs have no bias. Each feeds a batch norm, which removes any per-channel
+    constant: conv1 feeds bn2; conv2 and the shortcut add to the residual stream, which the next
+    block's bn1 (or G's last bn) reads and the next shortcut passes on as a constant. Only the
+    attention block sees such a constant otherwise, by gamma-small terms that its own query and
+    value biases can take over ("sagan" variant). So the gradient of such a bias is zero or nearly:
+    Adam's normalised step walked it on rounding noise, and two summation orders (K processes or
+    one, one CPU or another) trained different Gs, which the attention then passed on to the
+    images. G.linear keeps its bias: its output is (C, 4, 4), and the bias's per-position part is
+    a learned 4 x 4 template that no batch norm removes.
+
+    conv_bias=True builds the convs with biases, as sagan_ext's G had before: only to load
+    (resume, sample) checkpoints written then, which sagan-train and sagan-sample do by themselves.
+    """
+
     def __init__(self, image_size: int = 32, channels: int = 3, num_classes: int = 10, *, ch: int = 32,
-                 z_dim: int = 128, attention_res: int | None = None, attention: str = "sagan", ops: str = "fused"):
+                 z_dim: int = 128, attention_res: int | None = None, attention: str = "sagan", ops: str = "fused",
+                 conv_bias: bool = False):
         super().__init__()
         _check_architecture(image_size, ch, attention_res)
+        if not isinstance(conv_bias, bool):
+            raise TypeError(f"conv_bias must be a bool, got {type(conv_bias).__name__}")
         widths = [ch * m for m in G_CHANNELS[image_size]]
         self.z_dim, self.num_classes = z_dim, num_classes
         self.attention_res = attention_res or default_attention_resolution(image_size)
         self.linear = nn.Linear(z_dim, widths[0] * 4 * 4)
-        self.blocks = nn.ModuleList(GBlock(a, b, num_classes) for a, b in zip(widths, widths[1:]))
+        self.blocks = nn.ModuleList(GBlock(a, b, num_classes, conv_bias) for a, b in zip(widths, widths[1:]))
         self.attention_after = (self.attention_res // 8).bit_length() - 1  # block i outputs 8 * 2^i
         self.attention = _attention(widths[self.attention_after + 1], attention, ops)
         self.bn = nn.BatchNorm2d(widths[-1])
@@ -202,6 +242,12 @@ def _check_architecture(image_size: int, ch: int, attention_res: int | None) -> 
                          f"{attention_resolutions(image_size)}, got {attention_res}")
 
 
+def has_conv_bias(g_state: dict) -> bool:
+    """Whether a G state dict is of the earlier G whose block convs had biases (Generator's conv_bias)."""
+    return any(k.startswith("blocks.") and k.endswith((".conv1.bias", ".conv2.bias", ".shortcut.bias"))
+               for k in g_state)
+
+
 def _init_weights(model: nn.Module) -> None:
     """Orthogonal init of every conv and linear layer (as BigGAN), zero biases."""
     for m in model.modules():
@@ -228,14 +274,15 @@ def apply_spectral_norm(model: nn.Module, ops: str = "fused") -> nn.Module:
 
 def build_models(image_size: int, channels: int, num_classes: int, *, ch: int = 32, z_dim: int = 128,
                  attention_res: int | None = None, attention: str = "sagan", ops: str = "fused",
-                 d_ch: int | None = None) -> tuple[Generator, Discriminator]:
-    """G and D, spectrally normalised throughout, on the fused operators or eager PyTorch."""
+                 d_ch: int | None = None, g_conv_bias: bool = False) -> tuple[Generator, Discriminator]:
+    """G and D, spectrally normalised throughout, on the fused operators or eager PyTorch.
+    g_conv_bias: G's block convs with biases, for checkpoints of the earlier G (Generator's conv_bias)."""
     if ops not in ("fused", "eager"):
         raise ValueError(f"ops must be 'fused' or 'eager', got {ops!r}")
     if attention not in ("sagan", "biggan"):
         raise ValueError(f"attention must be 'sagan' or 'biggan', got {attention!r}")
     g = Generator(image_size, channels, num_classes, ch=ch, z_dim=z_dim, attention_res=attention_res,
-                  attention=attention, ops=ops)
+                  attention=attention, ops=ops, conv_bias=g_conv_bias)
     d = Discriminator(image_size, channels, num_classes, ch=d_ch or ch, attention_res=attention_res,
                       attention=attention, ops=ops)
     return apply_spectral_norm(g, ops), apply_spectral_norm(d, ops)

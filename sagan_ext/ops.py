@@ -8,10 +8,22 @@ backend runs only the attention core, which never materialises the N x N map.
 sagan_ext::spectral_norm / spectral_norm_backward: functional, returning the power-iterated u and
 v; the Python wrappers copy them into the module's buffers. (torch.library refuses autograd for
 ops whose schema mutates inputs, so the in-place update sits just outside the op.)
+
+Each registered name ends in a fingerprint of the operators' contract (CONTRACT: a hash of every
+op's signature, fake implementation and autograd formula), e.g. sagan_ext::attention_forward_1a2b3c4d.
+torch.compile's caches (inductor's FX graph cache, AOTAutograd's cache) key a graph on its code,
+which names the ops it calls, but not on what those ops' fake implementations say about their
+outputs: with a fixed name, a sagan_ext whose op returns another shape would be handed graphs
+compiled against the old one from a warm cache. A contract change renames the ops, so such
+graphs are never found; a change elsewhere (the kernels, the op bodies) keeps the names and the
+cache. The Python objects (ops.attention_forward, ...) keep their names.
 """
 from __future__ import annotations
 
-from typing import Optional
+import hashlib
+import inspect
+import marshal
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +58,7 @@ def _projections(x, wq, bq, wk, bk, wv, bv, pool):
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), weight, indices
 
 
-@torch.library.custom_op("sagan_ext::attention_forward", mutates_args=())
-def attention_forward(
+def _attention_forward(
     x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
     wv: Tensor, bv: Optional[Tensor], wo: Optional[Tensor], gamma: Tensor, pool: bool, backend: str,
     tf32: bool = False,
@@ -69,16 +80,14 @@ def attention_forward(
     return out, o, stats
 
 
-@attention_forward.register_fake
-def _(x, wq, bq, wk, bk, wv, bv, wo, gamma, pool, backend, tf32=False):
+def _attention_forward_fake(x, wq, bq, wk, bk, wv, bv, wo, gamma, pool, backend, tf32=False):
     b, _, h, w = x.shape
     n = h * w
     return (torch.empty_like(x), x.new_empty((b, n, wv.shape[0])),
             x.new_empty((b, 2, n), dtype=reference.accumulation_dtype(x.dtype)))
 
 
-@torch.library.custom_op("sagan_ext::attention_backward", mutates_args=())
-def attention_backward(
+def _attention_backward(
     grad_out: Tensor, x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
     wv: Tensor, bv: Optional[Tensor], wo: Optional[Tensor], gamma: Tensor, o: Tensor, stats: Tensor,
     pool: bool, backend: str, tf32: bool = False,
@@ -114,8 +123,7 @@ def attention_backward(
             dwv.clone(), bias_grad(bv, dbv), dwo, dgamma)
 
 
-@attention_backward.register_fake
-def _(grad_out, x, wq, bq, wk, bk, wv, bv, wo, gamma, o, stats, pool, backend, tf32=False):
+def _attention_backward_fake(grad_out, x, wq, bq, wk, bk, wv, bv, wo, gamma, o, stats, pool, backend, tf32=False):
     like = lambda t: x.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
     return (torch.empty_like(x), like(wq), like(bq), like(wk), like(bk), like(wv), like(bv), like(wo),
             torch.empty_like(gamma))
@@ -150,16 +158,11 @@ def _attention_double_backward(ctx, grad_out):
     return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs) + (None, None, None)
 
 
-torch.library.register_autograd(
-    "sagan_ext::attention_forward", _attention_autograd, setup_context=_attention_setup_context)
-
-
 # ----------------------------------------------------------------------------------------------
 # spectral norm
 
 
-@torch.library.custom_op("sagan_ext::spectral_norm", mutates_args=())
-def spectral_norm(
+def _spectral_norm(
     weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float,
     training: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -175,14 +178,12 @@ def spectral_norm(
     return w_sn.reshape(weight.shape), sigma, u_new, v_new
 
 
-@spectral_norm.register_fake
-def _(weight, u, v, dim, n_power_iterations, eps, training, backend):
+def _spectral_norm_fake(weight, u, v, dim, n_power_iterations, eps, training, backend):
     return (torch.empty_like(weight, memory_format=torch.contiguous_format), weight.new_empty(()),
             torch.empty_like(u), torch.empty_like(v))
 
 
-@torch.library.custom_op("sagan_ext::spectral_norm_backward", mutates_args=())
-def spectral_norm_backward(
+def _spectral_norm_backward(
     grad_weight_sn: Tensor, grad_sigma: Tensor, weight_sn: Tensor, u: Tensor, v: Tensor, sigma: Tensor,
     dim: int, backend: str,
 ) -> Tensor:
@@ -196,8 +197,7 @@ def spectral_norm_backward(
     return dw.reshape(weight_sn.shape)
 
 
-@spectral_norm_backward.register_fake
-def _(grad_weight_sn, grad_sigma, weight_sn, u, v, sigma, dim, backend):
+def _spectral_norm_backward_fake(grad_weight_sn, grad_sigma, weight_sn, u, v, sigma, dim, backend):
     return torch.empty_like(weight_sn, memory_format=torch.contiguous_format)
 
 
@@ -221,4 +221,54 @@ def _sn_autograd(ctx, grad_w_sn, grad_sigma, _gu, _gv):
     return dw, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd("sagan_ext::spectral_norm", _sn_autograd, setup_context=_sn_setup_context)
+
+# ----------------------------------------------------------------------------------------------
+# registration, under names that carry the contract's fingerprint
+
+# (name, implementation, fake, (autograd formula, its setup_context) or None)
+_OPS = [
+    ("attention_forward", _attention_forward, _attention_forward_fake,
+     (_attention_autograd, _attention_setup_context)),
+    ("attention_backward", _attention_backward, _attention_backward_fake, None),
+    ("spectral_norm", _spectral_norm, _spectral_norm_fake, (_sn_autograd, _sn_setup_context)),
+    ("spectral_norm_backward", _spectral_norm_backward, _spectral_norm_backward_fake, None),
+]
+# what a compiled graph depends on beyond its own code: every op's signature (its schema), fake
+# implementation (output shapes, dtypes, strides) and autograd formula (what the traced backward
+# calls with what), and what those call while tracing. Not the op bodies or kernels: they run at
+# call time, never traced, and their outputs must match the fakes (opcheck, in the tests).
+_TRACED_HELPERS = [_attention_double_backward, reference.accumulation_dtype]
+
+
+def _source(fn: Callable) -> bytes:
+    try:
+        return inspect.getsource(fn).encode()
+    except (OSError, TypeError):  # no source shipped: the bytecode (line numbers too: it only errs to renaming)
+        return marshal.dumps(fn.__code__)
+
+
+def contract_fingerprint() -> str:
+    """8 hex digits of a hash of the operators' contract (see the module's docstring)."""
+    digest = hashlib.sha256()
+    for name, impl, fake, autograd in _OPS:
+        digest.update(f"\0{name}{inspect.signature(impl)}\0".encode())
+        for fn in (fake, *(autograd or ())):
+            digest.update(_source(fn))
+    for fn in _TRACED_HELPERS:
+        digest.update(_source(fn))
+    return digest.hexdigest()[:8]
+
+
+CONTRACT = contract_fingerprint()
+
+
+def _register(name: str, impl: Callable, fake: Callable, autograd) -> torch.library.CustomOpDef:
+    op = torch.library.custom_op(f"sagan_ext::{name}_{CONTRACT}", impl, mutates_args=())
+    op.register_fake(fake)
+    if autograd is not None:
+        backward, setup_context = autograd
+        op.register_autograd(backward, setup_context=setup_context)
+    return op
+
+
+attention_forward, attention_backward, spectral_norm, spectral_norm_backward = (_register(*op) for op in _OPS)

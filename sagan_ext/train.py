@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import difflib
 import io
 import json
 import os
@@ -32,11 +33,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import __version__
+from .backends import select
 from .data import DatasetError, ImageDataset, batch_indices, load_dataset, to_float
 from .evaluation import (InceptionFID, attention_overlays, feature_statistics, frechet_distance, grid,
                          load_or_train_classifier, sample, save_png)
 from .files import WriteError, remove_temporary_files, write_atomically, write_text_atomically
-from .models import IMAGE_SIZES, build_models, default_attention_resolution, layer_sigmas, sync_batch_norm
+from .models import (IMAGE_SIZES, build_models, default_attention_resolution, has_conv_bias, layer_sigmas,
+                     sync_batch_norm)
 
 # ---------------------------------------------------------------------------------------------
 # Options: defaults < --config file < the run's saved config (--resume) < the command line.
@@ -64,13 +67,43 @@ class UsageError(Exception):
     """Bad options, data, checkpoint or run folder: one clear message, exit status 2."""
 
 
+class StoppedWithRankZero(UsageError):
+    """Another rank's side of a failure on rank 0 (a file it could not write): every rank stops
+    with exit status 2 at the same point instead of waiting for rank 0 in the next collective."""
+
+
 class TrainingDiverged(Exception):
     """A NaN/inf loss, parameter, buffer or optimizer state, or a loss beyond --max-loss: exit
     status 3; the last checkpoint, which is finite, is kept."""
 
 
+def closest(given: str, known) -> str | None:
+    """The known option (or config key) closest to a mistyped one: --lr_g -> --lr-g, --lrg -> --lr-g."""
+    normal = lambda o: o.lower().replace("_", "-")  # noqa: E731
+    by_normal = {normal(k): k for k in known}
+    if normal(given) in by_normal:
+        return by_normal[normal(given)]
+    match = difflib.get_close_matches(normal(given), list(by_normal), n=1, cutoff=0.7)
+    return by_normal[match[0]] if match else None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a suggestion for an unknown option: "--lr_g (did you mean --lr-g?)"."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+            options = [arg.split("=", 1)[0] for arg in unknown if arg.startswith("-")]
+            guesses = [(o, closest(o, known)) for o in options]
+            guesses = [f"{guess} for {o}" if len(options) > 1 else guess for o, guess in guesses if guess]
+            self.error(f"unrecognized arguments: {' '.join(unknown)}"
+                       + (f" (did you mean {', '.join(guesses)}?)" if guesses else ""))
+        return parsed
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="sagan-train", argument_default=argparse.SUPPRESS,
         description="Train a class-conditional SAGAN with sagan_ext's fused attention and spectral norm. "
                     "The defaults train on the embedded handwritten digits on this machine.",
@@ -155,7 +188,9 @@ def read_config_file(path: str) -> dict:
     values = {k.replace("-", "_"): v for k, v in values.items()}
     unknown = sorted(set(values) - set(DEFAULTS))
     if unknown:
-        raise UsageError(f"--config {path}: unknown options {unknown}")
+        guesses = [f"{k} (did you mean {closest(k, DEFAULTS).replace('-', '_')}?)" if closest(k, DEFAULTS) else k
+                   for k in unknown]
+        raise UsageError(f"--config {path}: unknown options: {', '.join(guesses)}")
     return values
 
 
@@ -355,13 +390,22 @@ class Trainer:
         self.memory_format = torch.channels_last if o["channels_last"] else torch.contiguous_format
 
         torch.manual_seed(o["seed"])
+        resume_from = self.latest_checkpoint() if o["resume"] else None
+        g_conv_bias = resume_from is not None and has_conv_bias(resume_from[1]["G"])
+        if g_conv_bias:
+            self.say("this run's G has biases in its block convs (written by an earlier sagan_ext): it continues "
+                     "with them; a new run's G has none")
         try:
             g, d = build_models(o["image_size"], self.data.channels, self.num_classes, ch=o["ch"], d_ch=o["d_ch"],
-                                z_dim=o["z_dim"], attention_res=o["attention_res"], attention=o["attention"], ops=o["ops"])
+                                z_dim=o["z_dim"], attention_res=o["attention_res"], attention=o["attention"],
+                                ops=o["ops"], g_conv_bias=g_conv_bias)
         except ValueError as e:
             raise UsageError(str(e)) from e
         if o["sync_bn"]:
             g = sync_batch_norm(g)  # D has no batch norm
+        if o["ops"] == "fused":  # the kernels now: a first build takes a while (and says so) before the
+            for dtype in {torch.float32, self.amp_dtype or torch.float32}:  # progress bar starts, not in its ETA
+                select("auto", self.device, dtype, torch.backends.cuda.matmul.allow_tf32)
         self.G = g.to(self.device, memory_format=self.memory_format)
         self.D = d.to(self.device, memory_format=self.memory_format)
         self.ema = EMA(self.G, o["ema_decay"]) if o["ema_decay"] > 0 else None
@@ -372,8 +416,8 @@ class Trainer:
         self.scaler_g = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.scaler_d = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.step = 0
-        if o["resume"]:
-            self.restore()
+        if resume_from:
+            self.restore(*resume_from)
 
         self.G_run, self.D_run, self.D_ddp = self.G, self.D, None  # what the step calls: DDP-wrapped, compiled
         if self.world > 1:
@@ -385,12 +429,14 @@ class Trainer:
         self.noise = torch.Generator(self.device)
 
     # -- resume and checkpoints ------------------------------------------------------------------
-    def restore(self) -> None:
+    def latest_checkpoint(self) -> tuple[Path, dict]:
         found = checkpoints(self.run)
         if not found:
             raise UsageError(f"--resume {self.run}: no checkpoints in {self.run / 'checkpoints'}")
         self.say(f"resuming from {found[-1]}...")
-        state = load_checkpoint(found[-1], self.device)
+        return found[-1], load_checkpoint(found[-1], self.device)
+
+    def restore(self, path: Path, state: dict) -> None:
         self.G.load_state_dict(state["G"])
         self.D.load_state_dict(state["D"])
         if self.ema is not None:
@@ -400,15 +446,11 @@ class Trainer:
         self.scaler_g.load_state_dict(state["scaler_g"])
         self.scaler_d.load_state_dict(state["scaler_d"])
         self.step = state["step"]
-        self.resumed_from = found[-1]
+        self.resumed_from = path
 
-    def save_checkpoint(self) -> Path | None:
-        """Called only after Guard.check at the same step, which stops the run if any tensor saved
-        here is not finite: every checkpoint is one a run can continue from."""
-        if self.world > 1:
-            self.check_replicas()
-        if not self.main:
-            return None
+    def save_checkpoint(self) -> Path:
+        """Rank 0's, after check_replicas and after Guard.check at the same step, which stops the run
+        if any tensor saved here is not finite: every checkpoint is one a run can continue from."""
         state = dict(step=self.step, G=self.G.state_dict(), D=self.D.state_dict(),
                      G_ema=self.ema.model.state_dict() if self.ema else None,
                      opt_g=self.opt_g.state_dict(), opt_d=self.opt_d.state_dict(),
@@ -434,6 +476,19 @@ class Trainer:
         if bool(finite.all()):
             return None
         return floats[int((~finite).nonzero()[0])][0]
+
+    def agree(self, failure: Exception | None) -> None:
+        """After rank 0 wrote (or failed to write) the run folder: raise `failure` on the rank that
+        had it, and StoppedWithRankZero on every other rank, so that all stop together (exit
+        status 2) rather than the others waiting for rank 0 in their next collective."""
+        if self.world > 1:
+            flag = torch.tensor([int(failure is not None)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and failure is None:
+                raise StoppedWithRankZero(f"rank {self.rank}: rank 0 could not write the run folder (its message "
+                                          f"says why); every rank stopped at step {self.step}")
+        if failure is not None:
+            raise failure
 
     def check_replicas(self) -> None:
         """Every rank must hold the same weights and spectral-norm vectors u, v. (BN running
@@ -565,7 +620,8 @@ class Outputs:
         classifier = self.run / "classifier.pt"
         t.say(f"loading the proxy classifier for the quality metrics ({classifier})..." if classifier.exists() else
               "training the proxy classifier for the quality metrics (once per run folder; about a minute on a CPU)...")
-        self.classifier, self.classifier_accuracy = load_or_train_classifier(classifier, t.data, t.device, o["seed"])
+        self.classifier, self.classifier_accuracy = load_or_train_classifier(classifier, t.data, t.device, o["seed"],
+                                                                             say=t.say)
         t.say("computing the real images' statistics" + (" and Inception features..." if o["inception"] else "..."))
         real = to_float(t.data.images[:10000]).to(t.device)
         with torch.no_grad():
@@ -724,9 +780,13 @@ class Guard:
 def train(o: dict) -> dict:
     """Train to o['steps'] G steps; returns a summary (the last metrics, paths)."""
     t = Trainer(o)
-    out = Outputs(t) if t.main else None
-    if t.world > 1:
-        dist.barrier()
+    out, failure = None, None
+    if t.main:
+        try:
+            out = Outputs(t)
+        except (UsageError, WriteError) as e:  # the other ranks must not wait for rank 0 (nor at a barrier)
+            failure = e
+    t.agree(failure)
     if out and o["progress"]:
         from tqdm import tqdm
         bar = tqdm(total=o["steps"], initial=t.step, unit="step", dynamic_ncols=True)
@@ -762,6 +822,7 @@ def train(o: dict) -> dict:
             if not (at_log or at_eval or at_checkpoint):
                 continue
             guard.check(last_checkpoint)
+            failure = None  # rank 0's write error: every rank takes part in the same collectives, then stops
             if at_log or at_eval:
                 means = torch.stack(list(sums.values())) / since
                 if t.world > 1:  # the global batch's: the mean of the ranks' means over equal shares
@@ -769,19 +830,30 @@ def train(o: dict) -> dict:
                     means /= t.world
                 means = dict(zip(sums, means.tolist()))
                 row = dict(step=t.step, images_per_s=images_per_step * since / (time.perf_counter() - clock), **means)
-                if out and at_eval:
-                    row.update(out.evaluate(t.step))
-                    say(f"step {t.step}: " + ", ".join(f"{k} {row[k]:.4g}" for k in
-                                                       ("loss_d", "loss_g", "fd_proxy", "class_consistency", "fid") if k in row))
-                if out:
-                    out.log(row)
+                try:
+                    if out and at_eval:
+                        row.update(out.evaluate(t.step))
+                        say(f"step {t.step}: " + ", ".join(f"{k} {row[k]:.4g}" for k in ("loss_d", "loss_g", "fd_proxy",
+                                                                                           "class_consistency", "fid")
+                                                           if k in row))
+                    if out:
+                        out.log(row)
+                except WriteError as e:
+                    failure = e
                 last_metrics = row
                 if bar:
                     bar.set_postfix({"img/s": f"{row['images_per_s']:.0f}", "D": f"{means['loss_d']:.3f}",
                                      "G": f"{means['loss_g']:.3f}"})
                 sums, since, clock = {}, 0, time.perf_counter()
             if at_checkpoint:
-                last_checkpoint = t.save_checkpoint() or last_checkpoint
+                if t.world > 1:
+                    t.check_replicas()
+                if t.main and failure is None:
+                    try:
+                        last_checkpoint = t.save_checkpoint()
+                    except WriteError as e:
+                        failure = e
+            t.agree(failure)
     except WriteError as e:
         raise UsageError(f"{e}. Training stopped at step {t.step}; the run's other files are as they were, its last "
                          f"checkpoint is {last_checkpoint or '(none yet)'}. Free space or make the folder writable, "
@@ -819,6 +891,9 @@ def closing_message(t: Trainer, last_checkpoint: Path | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     try:
         train(resolve_options(argv))
+    except StoppedWithRankZero as e:  # rank 0 printed the reason
+        print(f"sagan-train: stopped: {e}", file=sys.stderr)
+        return 2
     except UsageError as e:
         print(f"sagan-train: error: {e}", file=sys.stderr)
         return 2
@@ -835,7 +910,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def sample_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sagan-sample", description=sample_main.__doc__)
+    p = ArgumentParser(prog="sagan-sample", description=sample_main.__doc__)
     p.add_argument("--version", action="version", version=version_line("sagan-sample"))
     p.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint file")
     p.add_argument("--output", default="samples.png", help="PNG file (default samples.png)")
@@ -861,9 +936,11 @@ def sample_main(argv: list[str] | None = None) -> int:
             raise UsageError(f"{path}: no such run folder or checkpoint")
         state = load_checkpoint(path, torch.device(a.device))
         o = state["config"]
+        g_state = state["G_ema"] or state["G"]
         g, _ = build_models(o["image_size"], state["channels"], state["num_classes"], ch=o["ch"], d_ch=o["d_ch"],
-                            z_dim=o["z_dim"], attention_res=o["attention_res"], attention=o["attention"], ops=o["ops"])
-        g.load_state_dict(state["G_ema"] or state["G"])
+                            z_dim=o["z_dim"], attention_res=o["attention_res"], attention=o["attention"],
+                            ops=o["ops"], g_conv_bias=has_conv_bias(g_state))
+        g.load_state_dict(g_state)
         g = g.to(a.device).eval()
         num_classes = state["num_classes"]
         classes = a.classes if a.classes else list(range(min(num_classes, 10)))

@@ -33,5 +33,5 @@ def classifier_file(tmp_path_factory):
     digits = data.load_digits(32)
     model, accuracy = evaluation.train_classifier(digits, torch.device("cpu"), epochs=3)
     path = tmp_path_factory.mktemp("classifier") / "classifier.pt"
-    torch.save({"model": model.state_dict(), "accuracy": accuracy}, path)
+    torch.save({"model": model.state_dict(), "accuracy": accuracy, "data": evaluation.data_record(digits)}, path)
     return path

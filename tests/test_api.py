@@ -1,4 +1,11 @@
 """The public API's contract: argument errors, backend choice, torch.library registration."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -78,7 +85,16 @@ def test_available_backends_explain_themselves():
     assert select("auto", torch.device("cpu"), torch.float32).name == "cpu"
 
 
-def test_backward_gets_the_forwards_tf32_choice(monkeypatch):
+@pytest.fixture
+def restore_tf32_flag():
+    """Puts torch.backends.cuda.matmul.allow_tf32 back after the test. Not monkeypatch: the flag is
+    a property of torch's cuBLASModule (not in its __dict__), which pytest 9's monkeypatch cannot undo."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_backward_gets_the_forwards_tf32_choice(monkeypatch, restore_tf32_flag):
     # GPU backends recompute the scores in the backward with the forward's arithmetic: if the TF32
     # flag flips between forward and backward (a context manager around the forward, say), the
     # backward must still be told what the forward did, or p = exp(s - m) / l stops summing to 1.
@@ -89,10 +105,10 @@ def test_backward_gets_the_forwards_tf32_choice(monkeypatch):
                         lambda *args: seen.append(args[-1]) or backward(*args))
     inputs = attention_inputs("sagan", 1, 16, 3, 4, dtype=torch.float32)
     for forward_flag in (True, False):
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", forward_flag)
+        torch.backends.cuda.matmul.allow_tf32 = forward_flag
         out = sagan_ext.self_attention(inputs["x"], inputs["wq"], inputs["wk"], inputs["wv"], inputs["gamma"],
                                        backend="reference")
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", not forward_flag)
+        torch.backends.cuda.matmul.allow_tf32 = not forward_flag
         out.sum().backward()
     assert seen == [True, False]
 
@@ -167,3 +183,54 @@ def test_torch_compile_fullgraph_matches_eager():
     for (name, p_e), p_c in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-4, atol=1e-5, msg=name)
     torch.testing.assert_close(compiled.conv.weight_u, eager.conv.weight_u)
+
+
+# One compile of a block, run in a fresh process against a given inductor cache: what the caches
+# said (hits and misses of inductor's FX graph cache and AOTAutograd's) and the ops' names.
+_COMPILE_ONCE = r"""
+import json, sys, torch
+from torch._dynamo.utils import counters
+import sagan_ext
+x, wq, wk, wv = torch.randn(2, 16, 4, 4), torch.randn(2, 16), torch.randn(2, 16), torch.randn(16, 16)
+block = torch.compile(lambda x: sagan_ext.self_attention(x, wq, wk, wv, torch.ones(1), backend="reference"),
+                      fullgraph=True)
+with torch.no_grad():
+    block(x)
+cache = {k: v for group in ("inductor", "aot_autograd") for k, v in counters[group].items() if "cache" in k}
+print(json.dumps(dict(cache=cache, op=str(sagan_ext.ops.attention_forward), file=sagan_ext.__file__)))
+"""
+
+
+def _compile_once(package_parent, cache_dir):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHINDUCTOR_", "TORCH_COMPILE"))}
+    env.update(PYTHONPATH=str(package_parent), TORCHINDUCTOR_CACHE_DIR=str(cache_dir), OMP_NUM_THREADS="1",
+               TORCHINDUCTOR_FX_GRAPH_CACHE="1", TORCHINDUCTOR_AUTOGRAD_CACHE="1")
+    done = subprocess.run([sys.executable, "-c", _COMPILE_ONCE], env=env, cwd=str(package_parent), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert Path(result["file"]).parent.parent == Path(package_parent), result  # the copy meant, not another
+    result["hits"] = sum(v for k, v in result["cache"].items() if k.endswith("_hit"))
+    return result
+
+
+def test_a_warm_compile_cache_never_replays_graphs_of_another_operator_contract(tmp_path):
+    """An older sagan_ext (here: the attention op's fake implementation before the row statistics
+    became (B, 2, N)) compiled a graph into the inductor cache; this sagan_ext must compile its own
+    instead of replaying that one, and must still reuse its own graphs."""
+    package = Path(sagan_ext.__file__).parent
+    old = tmp_path / "old"
+    shutil.copytree(package, old / "sagan_ext", ignore=shutil.ignore_patterns("__pycache__", "csrc", "*.so"))
+    ops_file = old / "sagan_ext" / "ops.py"
+    source = ops_file.read_text()
+    assert source.count("x.new_empty((b, 2, n), dtype=") == 1, "the stats line of the fake moved: update this test"
+    ops_file.write_text(source.replace("x.new_empty((b, 2, n), dtype=", "x.new_empty((b, n), dtype="))
+    cache = tmp_path / "inductor-cache"
+
+    older = _compile_once(old, cache)
+    assert older["hits"] == 0, older  # a cold cache: compiled and stored
+    current = _compile_once(package.parent, cache)
+    assert current["hits"] == 0, f"a graph compiled against another contract was replayed: {current}"
+    assert current["op"] != older["op"]
+    again = _compile_once(package.parent, cache)
+    assert again["hits"] > 0 and again["op"] == current["op"], f"the cache should serve its own graphs: {again}"

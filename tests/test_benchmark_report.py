@@ -19,7 +19,8 @@ def _import(name, path):
 bench_conftest = _import("sagan_ext_benchmarks_conftest", BENCHMARKS / "conftest.py")  # puts benchmarks/ on sys.path
 report = bench_conftest.report
 
-MACHINE = dict(cpu_model="Test CPU", torch="2.x", torch_threads=2, measured_matmul_gflops=100.0, cuda_device=None)
+MACHINE = dict(cpu_model="Test CPU", cpu_cores=2, torch="2.x", torch_threads=2, measured_matmul_gflops=100.0,
+               cuda_device=None)
 
 
 class FakeBenchmark:
@@ -76,7 +77,9 @@ def test_run_ends_with_the_comparison_table():
     terminal = FakeTerminal()
     bench_conftest.pytest_terminal_summary(terminal, config)
     text = "\n".join(terminal.lines)
-    assert "Device: Test CPU; torch 2.x, 2 threads; measured fp32 matmul peak 100 GFLOP/s" in text
+    assert "Device: Test CPU, 2 cores; torch 2.x, 2 threads; measured fp32 matmul peak 100 GFLOP/s" in text
+    older = {k: v for k, v in MACHINE.items() if k != "cpu_cores"} | {"cpu": {"count": 2}}  # JSON before cpu_cores
+    assert report.device_line(older) == report.device_line(MACHINE) == "Test CPU, 2 cores; torch 2.x, 2 threads"
     assert "| mode | variant | (B, C, H=W) | eager ms | SDPA ms | compiled eager ms | fused ms | fused vs eager | " \
            "fused vs SDPA | fused GFLOP/s | % of matmul peak |" in text
     # medians in ms, fused against eager (4x) and SDPA (3x), GFLOP/s and its share of the measured peak

@@ -197,6 +197,83 @@ def test_full_disk_and_read_only_folder_get_one_message_and_touch_no_earlier_fil
     assert steps(tmp_path) == [1, 2, 3]
 
 
+# rank 0 of a 2-process run whose writes to one file fail with ENOSPC; each rank leaves its exit status
+_RANK0_FULL_DISK = r"""
+import errno, os, sys
+from pathlib import Path
+from sagan_ext import evaluation, files, train
+real = files.write_atomically
+def failing(path, write):
+    if os.environ["RANK"] == "0" and Path(path).name == os.environ["FAILING_FILE"]:
+        raise files.WriteError(Path(path), OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    return real(path, write)
+train.write_atomically = evaluation.write_atomically = files.write_atomically = failing
+status = train.main(sys.argv[1:])
+Path(os.environ["STATUS_DIR"], os.environ["RANK"]).write_text(str(status))
+sys.exit(status)
+"""
+
+
+@pytest.mark.parametrize("failing_file", ["config.json", "step_0000002.pt"])
+def test_a_write_error_on_rank_zero_stops_every_rank(tmp_path, classifier_file, failing_file):
+    """Rank 0 alone writes the run folder. When it cannot (here while starting, or at a checkpoint),
+    the other ranks must stop with it, exit status 2, rather than wait for it in their next
+    collective (or die there with a traceback)."""
+    from test_train import free_port
+    out, status = tmp_path / "run", tmp_path / "status"
+    out.mkdir(), status.mkdir()
+    (out / "classifier.pt").write_bytes(classifier_file.read_bytes())
+    script = tmp_path / "rank0_full_disk.py"
+    script.write_text(_RANK0_FULL_DISK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAILING_FILE": failing_file, "STATUS_DIR": str(status),
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(script), "--out", str(out), *TINY, "--steps", "4",
+                           "--checkpoint-every", "2", "--eval-every", "100"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    log = done.stdout + done.stderr
+    assert {p.name: p.read_text() for p in status.iterdir()} == {"0": "2", "1": "2"}, log[-4000:]
+    assert f"sagan-train: error: cannot write {out}" in log and "No space left on device" in log
+    assert "rank 1: rank 0 could not write the run folder" in log
+    assert "[rank1]:" not in log, log[-4000:]  # no traceback from the rank that waited
+
+
+def test_a_classifier_of_other_data_in_a_fresh_out_is_trained_again(tmp_path, classifier_file, capsys):
+    """classifier.pt is a cache of what the run would train: one from another dataset (other
+    classes and channels: its weights do not fit; or the same shapes and other labels: its record
+    says so) is trained again and replaced, with a line saying so, instead of a traceback or a
+    metric computed in the wrong feature space."""
+    rng = np.random.default_rng(0)
+    for name, labels in (("a", np.arange(12) % 3), ("b", np.arange(12) % 3 == 0)):
+        np.savez(tmp_path / f"{name}.npz", images=rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8),
+                 labels=labels.astype(np.int64) + (name == "b"))
+    args = [*TINY, "--steps", "1", "--eval-every", "1", "--checkpoint-every", "1", "--batch-size", "4"]
+    first = tmp_path / "first"
+    first.mkdir()
+    digits = torch.load(classifier_file, weights_only=True)  # 1 channel, 10 classes; saved as before records
+    torch.save({"model": digits["model"], "accuracy": digits["accuracy"]}, first / "classifier.pt")
+    assert train.main(["--out", str(first), "--dataset", str(tmp_path / "a.npz"), *args]) == 0
+    said = capsys.readouterr().out
+    assert f"{first / 'classifier.pt'}: it cannot be used for this dataset (RuntimeError" in said
+    saved = torch.load(first / "classifier.pt", weights_only=True)
+    assert saved["data"]["dataset"] == "a" and saved["data"]["num_classes"] == 3
+
+    second = tmp_path / "second"  # a's classifier (3 channels, 3 classes) beside b, whose labels differ
+    second.mkdir()
+    (second / "classifier.pt").write_bytes((first / "classifier.pt").read_bytes())
+    assert train.main(["--out", str(second), "--dataset", str(tmp_path / "b.npz"), *args]) == 0
+    said = capsys.readouterr().out
+    assert f"{second / 'classifier.pt'}: it was trained on other data (dataset 'a' here 'b'" in said
+    assert torch.load(second / "classifier.pt", weights_only=True)["data"]["dataset"] == "b"
+
+    third = tmp_path / "third"  # b's own classifier in a fresh --out for b: used as it is
+    third.mkdir()
+    (third / "classifier.pt").write_bytes((second / "classifier.pt").read_bytes())
+    assert train.main(["--out", str(third), "--dataset", str(tmp_path / "b.npz"), *args]) == 0
+    assert "training a new one" not in capsys.readouterr().out
+    assert (third / "classifier.pt").read_bytes() == (second / "classifier.pt").read_bytes()
+
+
 def test_fresh_run_into_an_existing_run_is_refused_without_overwrite(tmp_path, classifier_file, capsys):
     assert run(tmp_path, classifier_file, "--steps", "2", *QUICK) == 0
     snapshot = digests(tmp_path)
