@@ -45,9 +45,6 @@ def nvcc_flags() -> list[str]:
     return (csrc_dir() / "cuda" / "nvcc_flags.txt").read_text().split()
 
 
-CUDA_FLAGS = nvcc_flags()
-
-
 def _device_arch_flags() -> list[str]:
     """JIT builds compile for the GPU at hand only (half the compile time of both targets)."""
     major, minor = torch.cuda.get_device_capability()
@@ -112,7 +109,7 @@ def jit_plan(kind: str) -> tuple[str, Path, list[str], dict]:
         sources, kwargs = cpu_sources(root), dict(extra_cflags=CPU_CFLAGS, extra_ldflags=["-fopenmp"])
     else:
         sources = cuda_sources(root)
-        kwargs = dict(extra_cflags=["-O3"], extra_cuda_cflags=CUDA_FLAGS + _device_arch_flags(),
+        kwargs = dict(extra_cflags=["-O3"], extra_cuda_cflags=nvcc_flags() + _device_arch_flags(),
                       extra_include_paths=[str(root / "cuda")])
     name = f"sagan_ext_{kind}_{source_key(root / kind, kwargs)}"
     build_dir = Path(cpp_extension._get_build_directory(name, False))  # honours TORCH_EXTENSIONS_DIR

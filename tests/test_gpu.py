@@ -184,7 +184,7 @@ def ptx_selftest():
     here = Path(__file__).resolve().parent / "cuda"
     cpp_extension.load(name="sagan_ext_ptx_selftest", sources=[str(here / "ptx_selftest.cu"), str(here / "ptx_selftest_binding.cpp")],
                        extra_include_paths=[str(_build.csrc_dir() / "cuda"), str(here)], is_python_module=False,
-                       extra_cuda_cflags=_build.CUDA_FLAGS + _build._device_arch_flags(), verbose=False)
+                       extra_cuda_cflags=_build.nvcc_flags() + _build._device_arch_flags(), verbose=False)
     return torch.ops.sagan_ext_test.ptx_mma_selftest
 
 
