@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # every dtype the ops take
 
 
 def _tensor(name: str, t, dtype=None, device=None) -> Tensor:
@@ -33,13 +33,6 @@ def as_matrix(name: str, weight) -> Tensor:
     if isinstance(weight, Tensor) and weight.dim() != 2:
         raise ValueError(f"{name} must be a (out, in) matrix or a 1x1 conv weight (out, in, 1, 1), got shape {tuple(weight.shape)}")
     return weight
-
-
-def check_backend(backend) -> None:
-    from .backends import names  # backends imports the kernels' modules; _checks stays import-light
-
-    if backend not in names():
-        raise ValueError(f"backend must be one of {names()}, got {backend!r}")
 
 
 def check_attention(

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _checks, biggan, ops, reference
+from . import _checks, backends, biggan, ops, reference
 from .spectral_norm import spectral_norm as apply_spectral_norm
 
 
@@ -32,7 +32,7 @@ def self_attention(
             for t in (x, wq, wk, wv, gamma, query_bias, key_bias, value_bias, wo))
     _checks.check_attention(x, wq, query_bias, wk, key_bias, wv, value_bias, wo, gamma, pool)
     out, _, _ = ops.attention_forward(x, wq, query_bias, wk, key_bias, wv, value_bias, wo, gamma, pool, backend,
-                                      torch.backends.cuda.matmul.allow_tf32)
+                                      backends.tf32_allowed())
     return out
 
 
@@ -73,7 +73,7 @@ class FusedSelfAttention(nn.Module):
         super().__init__()
         if variant not in ("sagan", "biggan"):
             raise ValueError(f"variant must be 'sagan' or 'biggan', got {variant!r}")
-        _checks.check_backend(backend)
+        backends.check_name(backend)
         if power_iteration_in_eval and not spectral_norm:
             raise ValueError("power_iteration_in_eval=True needs spectral_norm=True")
         if v_reduction is None:

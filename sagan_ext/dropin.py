@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import _checks, reference
+from . import backends, reference
 from .attention import FusedSelfAttention, conv_weight, self_attention
 from .spectral_norm import SpectralNorm
 
@@ -69,7 +69,7 @@ def fuse(model: nn.Module, *, backend: str = "auto", spectral_norm: bool = True,
     nothing more."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _checks.check_backend(backend)
+    backends.check_name(backend)
     changed = {}
     for name, module in model.named_modules():
         what = []

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import __version__
-from .backends import select
+from .backends import select, tf32_allowed
 from .data import DatasetError, ImageDataset, batch_indices, load_dataset, to_float
 from .evaluation import (InceptionFID, attention_overlays, feature_statistics, frechet_distance, grid,
                          load_or_train_classifier, sample, save_png)
@@ -405,7 +405,7 @@ class Trainer:
             g = sync_batch_norm(g)  # D has no batch norm
         if o["ops"] == "fused":  # the kernels now: a first build takes a while (and says so) before the
             for dtype in {torch.float32, self.amp_dtype or torch.float32}:  # progress bar starts, not in its ETA
-                select("auto", self.device, dtype, torch.backends.cuda.matmul.allow_tf32)
+                select("auto", self.device, dtype, tf32_allowed())
         self.G = g.to(self.device, memory_format=self.memory_format)
         self.D = d.to(self.device, memory_format=self.memory_format)
         self.ema = EMA(self.G, o["ema_decay"]) if o["ema_decay"] > 0 else None

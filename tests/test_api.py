@@ -100,8 +100,8 @@ def test_backward_gets_the_forwards_tf32_choice(monkeypatch, restore_tf32_flag):
     # backward must still be told what the forward did, or p = exp(s - m) / l stops summing to 1.
     reference_backend = sagan_ext.backends.BACKENDS["reference"]
     seen = []
-    backward = reference_backend.attention_backward
-    monkeypatch.setattr(reference_backend, "attention_backward",
+    backward = reference_backend.attention_core_backward
+    monkeypatch.setattr(reference_backend, "attention_core_backward",
                         lambda *args: seen.append(args[-1]) or backward(*args))
     inputs = attention_inputs("sagan", 1, 16, 3, 4, dtype=torch.float32)
     for forward_flag in (True, False):
