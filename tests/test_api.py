@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,30 @@ def test_a_warm_compile_cache_never_replays_graphs_of_another_operator_contract(
     assert current["op"] != older["op"]
     again = _compile_once(package.parent, cache)
     assert again["hits"] > 0 and again["op"] == current["op"], f"the cache should serve its own graphs: {again}"
+
+
+def test_renamed_names_still_work_and_say_their_new_names():
+    """Names that meant two things were renamed; the old ones work as before, with a DeprecationWarning."""
+    from sagan_ext import biggan_checkpoints, dropin, models
+    from sagan_ext.attention import SelfAttentionBlock
+
+    eager = sagan_ext.EagerSelfAttention(16)  # no longer a FusedSelfAttention: both are SelfAttentionBlocks
+    assert isinstance(eager, SelfAttentionBlock) and type(eager).__mro__[1] is SelfAttentionBlock
+    with pytest.warns(DeprecationWarning, match="EagerSelfAttention is no longer a FusedSelfAttention"):
+        assert isinstance(eager, sagan_ext.FusedSelfAttention)
+    with pytest.warns(DeprecationWarning, match="SelfAttentionBlock"):
+        assert issubclass(sagan_ext.EagerSelfAttention, sagan_ext.FusedSelfAttention)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert isinstance(sagan_ext.FusedSelfAttention(16), sagan_ext.FusedSelfAttention)
+        assert not isinstance(nn.Linear(2, 2), sagan_ext.FusedSelfAttention)
+    # sagan_ext.biggan named the attention variant and BigGAN-PyTorch's checkpoint format
+    for old, new in (("replace_attention", dropin.replace_biggan_attention),
+                     ("from_biggan_state_dict", biggan_checkpoints.from_biggan_state_dict),
+                     ("to_biggan_state_dict", biggan_checkpoints.to_biggan_state_dict)):
+        with pytest.warns(DeprecationWarning, match=f"sagan_ext.biggan.{old} is deprecated: use {new.__module__}"):
+            assert getattr(sagan_ext.biggan, old) is new
+    # models.apply_spectral_norm (a whole model) beside sagan_ext.spectral_norm (one layer)
+    with pytest.warns(DeprecationWarning, match="use spectral_norm_every_layer"):
+        model = models.apply_spectral_norm(nn.Sequential(nn.Linear(3, 4)))
+    assert set(model.state_dict()) == {"0.weight_orig", "0.weight_u", "0.weight_v", "0.bias"}
