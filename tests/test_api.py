@@ -14,8 +14,7 @@ from torch import nn
 import sagan_ext
 from sagan_ext import ops
 
-from conftest import CPU_BACKENDS
-from sagan_ext_testing import attention_inputs
+from sagan_ext_testing import CPU_BACKENDS, TinyDiscriminator, attention_inputs
 
 
 def _call(x=None, **over):
@@ -154,18 +153,6 @@ def test_opcheck_attention(backend, variant):
     args = (x, wq, inputs.get("bq"), wk, inputs.get("bk"), wv, inputs.get("bv"), inputs.get("wo"), gamma,
             variant == "biggan", backend)
     torch.library.opcheck(ops.attention_forward, args)
-
-
-class TinyDiscriminator(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = sagan_ext.spectral_norm(nn.Conv2d(3, 16, 3, padding=1))
-        self.attention = sagan_ext.FusedSelfAttention(16, spectral_norm=True)
-        self.head = sagan_ext.spectral_norm(nn.Linear(16, 1))
-
-    def forward(self, x):
-        h = self.attention(torch.relu(self.conv(x)))
-        return self.head(h.sum((2, 3)))
 
 
 def test_torch_compile_fullgraph_matches_eager():

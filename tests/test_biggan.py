@@ -10,7 +10,7 @@ import sagan_ext
 from sagan_ext import biggan_checkpoints
 from sagan_ext.dropin import replace_biggan_attention
 
-from conftest import CPU_BACKENDS
+from sagan_ext_testing import CPU_BACKENDS
 from sagan_modules import BigGANAttention, BigGANSNConv2d
 from third_party_models import biggan_models
 

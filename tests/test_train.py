@@ -1,35 +1,18 @@
 """The trainer: tiny runs of every image size on both --ops, exact resume, a 2-process DDP run,
 NaN handling, bad arguments, the gradient penalty against the eager model, data loaders, metrics."""
-import csv
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from sagan_ext import data, evaluation, models, train
-
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--ch", "8", "--batch-size", "2", "--eval-samples", "20", "--log-every", "1", "--no-progress"]
-
-
-def run(out: Path, classifier_file: Path, *args: str) -> int:
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / "classifier.pt").exists():
-        shutil.copy(classifier_file, out / "classifier.pt")
-    return train.main(["--out", str(out), *TINY, *args])
-
-
-def metrics(out: Path) -> list[dict]:
-    with open(out / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
+from sagan_ext_testing import ROOT, TINY, free_port, metrics, run
 
 
 @pytest.mark.parametrize("image_size", [32, 64, 128])
@@ -124,12 +107,6 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, cla
     message = capsys.readouterr().err
     assert "NaN or inf at step 3" in message and "step_0000002.pt" in message
     assert [p.name for p in train.checkpoints(tmp_path)] == ["step_0000002.pt"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_process_ddp_run_on_gloo_with_sync_bn_is_the_single_process_run(tmp_path, classifier_file):

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train import ROOT, TINY, metrics, run
 
 from sagan_ext import data, files, train
+from sagan_ext_testing import ROOT, TINY, free_port, metrics, run
 
 QUICK = ["--eval-every", "100", "--checkpoint-every", "1"]
 
@@ -219,7 +219,6 @@ def test_a_write_error_on_rank_zero_stops_every_rank(tmp_path, classifier_file, 
     """Rank 0 alone writes the run folder. When it cannot (here while starting, or at a checkpoint),
     the other ranks must stop with it, exit status 2, rather than wait for it in their next
     collective (or die there with a traceback)."""
-    from test_train import free_port
     out, status = tmp_path / "run", tmp_path / "status"
     out.mkdir(), status.mkdir()
     (out / "classifier.pt").write_bytes(classifier_file.read_bytes())
