@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from sagan_ext import data, files, train
+from sagan_ext import data, files, run_folder, sample, train, train_config
 from sagan_ext_testing import ROOT, TINY, free_port, metrics, run
 
 QUICK = ["--eval-every", "100", "--checkpoint-every", "1"]
@@ -317,12 +317,12 @@ def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     for step in (1, 2, 3, 9):  # 9: a later checkpoint that is not this run's
         (tmp_path / "checkpoints" / f"step_{step:07d}.pt").write_bytes(b"")
-    train.prune_checkpoints(tmp_path, 1, tmp_path / "checkpoints" / "step_0000003.pt")
+    run_folder.prune_checkpoints(tmp_path, 1, tmp_path / "checkpoints" / "step_0000003.pt")
     assert [p.name for p in train.checkpoints(tmp_path)] == ["step_0000003.pt", "step_0000009.pt"]
 
 
 def test_every_option_says_what_it_does():
-    for parser in (train.parser(), train.sample_parser()):
+    for parser in (train_config.parser(), sample.parser()):
         for action in parser._actions:
             text = (action.help or "").replace("%(default)s", "")
             assert len(text.split()) >= 3 and not text.startswith("(default"), (parser.prog, action.option_strings)
