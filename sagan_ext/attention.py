@@ -91,7 +91,8 @@ class SelfAttentionBlock(nn.Module):
         query_key_dim, value_dim = in_channels // qk_reduction, in_channels // v_reduction
         conv = lambda i, o, bias: nn.Conv2d(i, o, kernel_size=1, bias=bias)  # noqa: E731
         if variant == "sagan":
-            self.query_conv, self.key_conv = conv(in_channels, query_key_dim, True), conv(in_channels, query_key_dim, True)
+            self.query_conv = conv(in_channels, query_key_dim, True)
+            self.key_conv = conv(in_channels, query_key_dim, True)
             self.value_conv = conv(in_channels, value_dim, True)
             self.gamma = nn.Parameter(torch.zeros(1))
         else:
@@ -135,8 +136,8 @@ class _FusedSelfAttentionType(type):
 def _deprecated_eager(cls) -> bool:
     if not (isinstance(cls, type) and issubclass(cls, EagerSelfAttention)):
         return False
-    warnings.warn("EagerSelfAttention is no longer a FusedSelfAttention: test for sagan_ext.attention.SelfAttentionBlock, "
-                  "the class both share", DeprecationWarning, stacklevel=3)
+    warnings.warn("EagerSelfAttention is no longer a FusedSelfAttention: test for "
+                  "sagan_ext.attention.SelfAttentionBlock, the class both share", DeprecationWarning, stacklevel=3)
     return True
 
 

@@ -290,7 +290,8 @@ def replace_biggan_attention(model: nn.Module, *, backend: str = "auto",
         channels = theta.in_channels
         biggan_sn = hasattr(theta, "u0")
         if biggan_sn and getattr(theta, "num_itrs", 1) != 1:
-            raise ValueError(f"{name}: BigGAN SN with num_itrs={theta.num_itrs} is not supported (1 is BigGAN's default)")
+            raise ValueError(f"{name}: BigGAN SN with num_itrs={theta.num_itrs} is not supported "
+                             f"(1 is BigGAN's default)")
         spectral_norm = biggan_sn or has_torch_spectral_norm(theta)
         new = FusedSelfAttention(channels, "biggan", spectral_norm=spectral_norm,
                                  backend=backend, qk_reduction=channels // theta.out_channels,

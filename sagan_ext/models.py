@@ -159,6 +159,11 @@ def _attention(channels: int, variant: str, ops: str) -> SelfAttentionBlock:
     return (FusedSelfAttention if ops == "fused" else EagerSelfAttention)(channels, variant)
 
 
+def _attend(attention: SelfAttentionBlock, h: Tensor, return_attention: bool) -> tuple[Tensor, Tensor | None]:
+    """h through the attention block, and its (B, N, N_keys) map if asked for (else None)."""
+    return attention(h, return_attention=True) if return_attention else (attention(h), None)
+
+
 class Generator(nn.Module):
     """The GBlocks' convs have no bias. Each feeds a batch norm, which removes any per-channel
     constant: conv1 feeds bn2; conv2 and the shortcut add to the residual stream, which the next
@@ -198,7 +203,7 @@ class Generator(nn.Module):
         for i, block in enumerate(self.blocks):
             h = block(h, y)
             if i == self.attention_after:
-                h, attention = self.attention(h, return_attention=True) if return_attention else (self.attention(h), None)
+                h, attention = _attend(self.attention, h, return_attention)
         image = torch.tanh(self.to_image(F.relu(self.bn(h))))
         return (image, attention) if return_attention else image
 
@@ -226,7 +231,7 @@ class Discriminator(nn.Module):
         for i, block in enumerate(self.blocks):
             h = block(h)
             if i == self.attention_after:
-                h, attention = self.attention(h, return_attention=True) if return_attention else (self.attention(h), None)
+                h, attention = _attend(self.attention, h, return_attention)
         features = F.relu(h).sum(dim=(2, 3))
         logits = self.linear(features).squeeze(1)
         if self.num_classes:

@@ -18,7 +18,8 @@ from sagan_ext.backends import BACKENDS
 # Backends that run float64 on this machine's CPU, against which the CPU tests compare to 1e-10:
 # reference and cpu. (Triton runs on the CPU only under its interpreter, which tests/test_triton.py
 # covers, and takes no float64.)
-CPU_BACKENDS = [name for name, backend in BACKENDS.items() if "cpu" in backend.devices and torch.float64 in backend.dtypes]
+CPU_BACKENDS = [name for name, backend in BACKENDS.items()
+                if "cpu" in backend.devices and torch.float64 in backend.dtypes]
 # The fused kernels of CUDA tensors (tests/test_gpu.py): cuda and triton.
 GPU_BACKENDS = [name for name, backend in BACKENDS.items() if "cuda" in backend.devices and backend.fused]
 
@@ -27,7 +28,8 @@ def attention_inputs(variant, b, c, h, w, dtype=torch.float64, qk_reduction=8, d
     """Fresh random leaf tensors (weights scaled like a 1x1 conv's init; gamma non-zero)."""
     dk = max(c // qk_reduction, 1)
     dv = c if variant == "sagan" else c // 2
-    rand = lambda *s, scale=1.0: (torch.randn(*s, dtype=torch.float64) * scale).to(device, dtype).requires_grad_()  # noqa: E731
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, dtype=torch.float64) * scale).to(device, dtype).requires_grad_()
     inputs = dict(x=rand(b, c, h, w), wq=rand(dk, c, scale=c ** -0.5), wk=rand(dk, c, scale=c ** -0.5),
                   wv=rand(dv, c, scale=c ** -0.5))
     if variant == "sagan":
@@ -44,7 +46,8 @@ def _call(inputs, fn):
 
 
 def _grads(out, inputs, seed=1):
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.device, out.dtype)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    g = g.to(out.device, out.dtype)
     grads = torch.autograd.grad(out, list(inputs.values()), g)
     return out.detach(), dict(zip(inputs, grads))
 

@@ -22,8 +22,8 @@ def test_every_backend_is_a_declared_backend():
     for name, backend in BACKENDS.items():
         assert isinstance(backend, Backend) and backend.name == name
         assert set(backend.dtypes) <= set(sagan_ext._checks.FLOATING), name
-        overrides_residual = type(backend).attention_core_forward_residual is not Backend.attention_core_forward_residual
-        assert backend.fuses_residual == overrides_residual, name
+        residual = type(backend).attention_core_forward_residual
+        assert backend.fuses_residual == (residual is not Backend.attention_core_forward_residual), name
     assert [name for name, b in BACKENDS.items() if b.fuses_residual] == ["cuda", "triton"]
     with pytest.raises(NotImplementedError, match="cpu backend does not declare fuses_residual"):
         BACKENDS["cpu"].attention_core_forward_residual(*[None] * 6)
@@ -176,5 +176,5 @@ def test_kernel_signatures_are_the_interface():
     for name, backend in BACKENDS.items():
         for kernel in ("attention_core_forward", "attention_core_forward_residual", "attention_core_backward",
                        "spectral_norm_forward", "spectral_norm_backward"):
-            declared = inspect.signature(getattr(Backend, kernel)).parameters
-            assert inspect.signature(getattr(type(backend), kernel)).parameters.keys() == declared.keys(), (name, kernel)
+            declared = inspect.signature(getattr(Backend, kernel)).parameters.keys()
+            assert inspect.signature(getattr(type(backend), kernel)).parameters.keys() == declared, (name, kernel)

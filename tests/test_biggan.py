@@ -134,7 +134,8 @@ class TinyBigGANG(nn.Module):
 
     def __init__(self, which_conv=BigGANSNConv2d, attention=None):
         super().__init__()
-        self.blocks = nn.ModuleList([nn.ModuleList([which_conv(3, 16, 1), attention or BigGANAttention(16, BigGANSNConv2d)]),
+        attention = attention or BigGANAttention(16, BigGANSNConv2d)
+        self.blocks = nn.ModuleList([nn.ModuleList([which_conv(3, 16, 1), attention]),
                                      nn.ModuleList([which_conv(16, 3, 1)])])
 
     def forward(self, x):

@@ -145,7 +145,8 @@ def test_deterministic_mode_is_bitwise_repeatable(path):
     ops, (dtype, tf32, tol) = _core_ops(), CUDA_PATHS[path]
     torch.manual_seed(0)
     b, n, m, dk, dv = 2, 200, 300, 24, 130
-    q, k, v, do = (torch.randn(*shape, device="cuda").to(dtype) for shape in ((b, n, dk), (b, m, dk), (b, m, dv), (b, n, dv)))
+    q, k, v, do = (torch.randn(*shape, device="cuda").to(dtype)
+                   for shape in ((b, n, dk), (b, m, dk), (b, m, dv), (b, n, dv)))
     stream = torch.cuda.current_stream().cuda_stream
     o, stats = ops.attention_forward(q, k, v, tf32, stream)
     atomic = ops.attention_backward(do, q, k, v, o, stats, tf32, stream)
@@ -181,7 +182,8 @@ def ptx_selftest():
     from sagan_ext import _build
     _core_ops()  # the library's own build first: the same flags
     here = Path(__file__).resolve().parent / "cuda"
-    cpp_extension.load(name="sagan_ext_ptx_selftest", sources=[str(here / "ptx_selftest.cu"), str(here / "ptx_selftest_binding.cpp")],
+    cpp_extension.load(name="sagan_ext_ptx_selftest",
+                       sources=[str(here / "ptx_selftest.cu"), str(here / "ptx_selftest_binding.cpp")],
                        extra_include_paths=[str(_build.csrc_dir() / "cuda"), str(here)], is_python_module=False,
                        extra_cuda_cflags=_build.nvcc_flags() + _build._device_arch_flags(), verbose=False)
     return torch.ops.sagan_ext_test.ptx_mma_selftest
@@ -219,7 +221,8 @@ def test_tf32_block_like_eager_tf32(backend, variant):
     try:
         for shape in ((2, 64, 15, 20), (2, 256, 32, 32)):
             poison_allocator()
-            check_low_precision(backend, torch.float32, attention_inputs(variant, *shape, dtype=torch.float32, device="cuda"))
+            inputs = attention_inputs(variant, *shape, dtype=torch.float32, device="cuda")
+            check_low_precision(backend, torch.float32, inputs)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = False
 

@@ -56,7 +56,8 @@ def steps(out: Path) -> list[int]:
 
 def console(*args: str) -> subprocess.CompletedProcess:
     """The sagan-train command of this checkout (the installed console script imports site-packages')."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, "-m", "sagan_ext.train", *args], env=env, capture_output=True, text=True,
                           timeout=300)
 
@@ -188,7 +189,8 @@ def test_full_disk_and_read_only_folder_get_one_message_and_touch_no_earlier_fil
         assert train.main(["--resume", str(tmp_path), "--steps", "3"]) == 2
         assert train.main(["--out", str(tmp_path / "new"), *TINY, "--steps", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"sagan-train: error: cannot write {tmp_path / 'config.json'}: [Errno 30] Read-only file system (EROFS)",
+    assert err == [f"sagan-train: error: cannot write {tmp_path / 'config.json'}: [Errno 30] Read-only file system "
+                   f"(EROFS)",
                    f"sagan-train: error: cannot write {tmp_path / 'new' / 'samples'}: [Errno 30] Read-only file system "
                    f"(EROFS)"]
     assert digests(tmp_path) == snapshot
@@ -302,7 +304,8 @@ def test_fresh_run_into_an_existing_run_is_refused_without_overwrite(tmp_path, c
     lines = out.splitlines()
     assert lines[:3] == ["sagan-train: reading the dataset (digits)...",
                          f"sagan-train: --overwrite: deleting the run in {tmp_path}",
-                         f"sagan-train: loading the proxy classifier for the quality metrics ({tmp_path / 'classifier.pt'})..."]
+                         f"sagan-train: loading the proxy classifier for the quality metrics "
+                         f"({tmp_path / 'classifier.pt'})..."]
     assert lines[3].startswith("sagan-train: computing the real images' statistics")
     assert lines[4].startswith("sagan-train: digits (1797 images") and "(1 CPU threads)" in lines[4]
     assert lines[-1].endswith("last checkpoint checkpoints/step_0000001.pt.")
@@ -361,7 +364,7 @@ def test_bad_image_files_are_named_and_skipped(tmp_path, capsys):
     only_bad.mkdir(parents=True)
     (only_bad / "empty.png").write_bytes(b"")
     assert train.main(["--out", str(tmp_path / "run2"), "--dataset", str(only_bad.parent), *TINY]) == 2
-    assert f"no readable images" in (err := capsys.readouterr().err) and str(only_bad / "empty.png") in err
+    assert "no readable images" in (err := capsys.readouterr().err) and str(only_bad / "empty.png") in err
 
 
 def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path):

@@ -123,7 +123,8 @@ def test_spectral_norm_matches_torch(make):
     theirs = torch.nn.utils.spectral_norm(make().to(DEVICE), n_power_iterations=2)
     ours = sagan_ext.spectral_norm(make().to(DEVICE), n_power_iterations=2, backend="triton")
     ours.load_state_dict(theirs.state_dict())
-    shape = (24, 9, 9) if isinstance(base, nn.Conv2d) else (12, 5, 5) if isinstance(base, nn.ConvTranspose2d) else (100,)
+    shapes = {nn.Conv2d: (24, 9, 9), nn.ConvTranspose2d: (12, 5, 5), nn.Linear: (100,)}
+    shape = shapes[type(base)]
     x = torch.randn(3, *shape, device=DEVICE)
     for step in range(3):
         y_t, y_o = theirs(x), ours(x)
@@ -271,7 +272,8 @@ def test_every_autotuner_resets_what_its_kernel_accumulates(monkeypatch):
                 assert accumulated <= set(launch.kernel.reset_to_zero), (launch.kernel.base_fn.__name__, accumulated)
                 assert launch.kernel.early_config_prune is None and launch.kernel.perf_model is None
                 checked += 1
-    assert checked == 18 and {name for name, _ in triton_kernels._tuners} == {"_attention_forward", "_attention_backward"}
+    tuned = {name for name, _ in triton_kernels._tuners}
+    assert checked == 18 and tuned == {"_attention_forward", "_attention_backward"}
 
 
 @pytest.mark.parametrize("mean", [0.0, 10.0])
