@@ -11,8 +11,9 @@ The kernels; q (B, N, dk), k (B, M, dk), v (B, M, dv), grad_o (B, N, dv) arrive 
   attention_core_backward(grad_o, q, k, v, o, stats, tf32) -> (grad_q, grad_k, grad_v)
 o (B, N, dv) contiguous; stats (B, 2, N), contiguous, in the accumulation dtype: each row's max
 score m and its sum l = sum_j exp(s_j - m) (reference.attention_core says why not the log-sum-exp).
-tf32: fp32 products may run as TF32 (see `precision`); the forward's value is passed to the
-backward, which must recompute the scores with the forward's arithmetic.
+tf32: this float32 input's products may run as TF32 (ops.py passes precision(dtype, tf32) ==
+"tf32": False for every other dtype); the forward's value is passed to the backward, which must
+recompute the scores with the forward's arithmetic.
   spectral_norm_forward(w, u, v, iterations, eps) -> (w / sigma, sigma, u_new, v_new)
   spectral_norm_backward(grad_w_sn, grad_sigma, w_sn, u, v, sigma) -> grad_w
 w is the (h, w) matrix view; u_new, v_new are new tensors of u's and v's dtype after `iterations`
@@ -47,15 +48,15 @@ def precision(dtype: torch.dtype, tf32: bool) -> str:
 
 
 class Backend(abc.ABC):
-    """One set of kernels. A subclass declares `name`, `devices`, `dtypes` and `fuses_residual`,
-    implements the kernels (module docstring), and may refuse inputs it cannot run in
-    `unavailable` (this machine) and `input_refusal` (this input)."""
+    """One set of kernels. A subclass declares `name`, `devices`, `dtypes`, `fuses_residual` and
+    `materializes_scores`, implements the kernels (module docstring), and may refuse inputs it
+    cannot run in `unavailable` (this machine) and `input_refusal` (this input)."""
 
     name: ClassVar[str]
     devices: tuple[str, ...] = ()
     dtypes: tuple[torch.dtype, ...] = FLOATING
     fuses_residual: ClassVar[bool] = False  # implements attention_core_forward_residual
-    fused: ClassVar[bool] = True  # never materialises the N x M score map
+    materializes_scores: ClassVar[bool] = False  # keeps the N x M score map (O(N^2) memory)
 
     def unavailable(self) -> Optional[str]:
         """Why this backend cannot run on this machine at all (None if it can)."""
@@ -102,7 +103,7 @@ class Backend(abc.ABC):
 class ReferenceBackend(Backend):
     """The plain-PyTorch definition: any device, materialises the N x M map."""
 
-    name, devices, fused = "reference", ("cpu", "cuda"), False
+    name, devices, materializes_scores = "reference", ("cpu", "cuda"), True
 
     def attention_core_forward(self, q, k, v, tf32):
         return reference.attention_core(q, k, v)
@@ -197,8 +198,8 @@ class CudaBackend(Backend):
         return torch.cuda.current_stream(t.device).cuda_stream
 
     def _tf32(self, t, tf32):
-        """TF32 where it applies (`precision`) and the GPU has the tensor cores for it."""
-        return precision(t.dtype, tf32) == "tf32" and self._tensor_cores(t.device)
+        """TF32 where the op allows it and the GPU has the tensor cores for it."""
+        return tf32 and self._tensor_cores(t.device)
 
     def attention_core_forward(self, q, k, v, tf32):
         with torch.cuda.device(q.device):

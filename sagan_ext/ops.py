@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from .backends import select
+from .backends import precision, select
 
 # ----------------------------------------------------------------------------------------------
 # attention
@@ -60,7 +60,10 @@ def _projections(x, wq, bq, wk, bk, wv, bv, pool):
 
 
 def _attention_backend(backend: str, x: Tensor, wq: Tensor, wv: Tensor, tf32: bool):
-    return select(backend, x.device, x.dtype, tf32, query_key_dim=wq.shape[0], value_dim=wv.shape[0])
+    """The backend for this block's input, and whether its kernels run the products as TF32: only
+    a float32 input's, and only where `tf32` allows it (backends.precision)."""
+    kernels = select(backend, x.device, x.dtype, tf32, query_key_dim=wq.shape[0], value_dim=wv.shape[0])
+    return kernels, precision(x.dtype, tf32) == "tf32"
 
 
 def _attention_forward(
@@ -73,12 +76,12 @@ def _attention_forward(
     `tf32`: fp32 products may run as TF32 on GPUs (torch.backends.cuda.matmul.allow_tf32 at the
     call). It is an argument, not read from the flag inside, so that the backward recomputes the
     scores with the forward's arithmetic even if the flag changed in between."""
-    kernels = _attention_backend(backend, x, wq, wv, tf32)
+    kernels, kernel_tf32 = _attention_backend(backend, x, wq, wv, tf32)
     q, k, v, _, _ = _projections(x, wq, bq, wk, bk, wv, bv, pool)
     h, w = x.shape[-2:]
     if wo is None and kernels.fuses_residual and (h == 1 or x.stride(2) == w * x.stride(3)):
-        return kernels.attention_core_forward_residual(q, k, v, x, gamma, tf32)  # the residual in the epilogue
-    o, stats = kernels.attention_core_forward(q, k, v, tf32)
+        return kernels.attention_core_forward_residual(q, k, v, x, gamma, kernel_tf32)  # the residual in the epilogue
+    o, stats = kernels.attention_core_forward(q, k, v, kernel_tf32)
     y = o.transpose(1, 2) if wo is None else torch.matmul(wo, o.transpose(1, 2))  # (B, C, N)
     out = torch.empty_like(x)
     torch.addcmul(x, gamma.reshape(()), y.reshape(x.shape), out=out)
@@ -98,7 +101,7 @@ def _attention_backward(
     pool: bool, backend: str, tf32: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dgamma); an absent input gets an empty tensor."""
-    kernels = _attention_backend(backend, x, wq, wv, tf32)
+    kernels, kernel_tf32 = _attention_backend(backend, x, wq, wv, tf32)
     b, c, h, w = x.shape
     sizes = [wq.shape[0], wk.shape[0], wv.shape[0]]  # query, key and value channels
     # Recompute the projections (one GEMM) rather than keep them alive since the forward.
@@ -111,7 +114,7 @@ def _attention_backward(
     dgamma = (g_o.to(acc) * o.transpose(1, 2).to(acc)).sum().reshape(gamma.shape).to(gamma.dtype)
     grad_o = (g_o * gamma.reshape(()).to(g_o.dtype)).transpose(1, 2)  # (B, N, dv), channel-major
     dwo = x.new_empty(0) if wo is None else torch.matmul(gc, o).sum(0) * gamma.reshape(()).to(x.dtype)
-    grad_q, grad_k, grad_v = kernels.attention_core_backward(grad_o, q, k, v, o, stats, tf32)
+    grad_q, grad_k, grad_v = kernels.attention_core_backward(grad_o, q, k, v, o, stats, kernel_tf32)
     if pool:  # unpool the key and value gradients together through the forward's indices
         grad_kv = torch.cat([grad_k, grad_v], dim=-1).transpose(1, 2).unflatten(2, indices.shape[-2:])
         grad_kv = F.max_unpool2d(grad_kv, indices, kernel_size=2, output_size=(h, w)).flatten(2)

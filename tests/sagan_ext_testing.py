@@ -21,7 +21,8 @@ from sagan_ext.backends import BACKENDS
 CPU_BACKENDS = [name for name, backend in BACKENDS.items()
                 if "cpu" in backend.devices and torch.float64 in backend.dtypes]
 # The fused kernels of CUDA tensors (tests/test_gpu.py): cuda and triton.
-GPU_BACKENDS = [name for name, backend in BACKENDS.items() if "cuda" in backend.devices and backend.fused]
+GPU_BACKENDS = [name for name, backend in BACKENDS.items()
+                if "cuda" in backend.devices and not backend.materializes_scores]
 
 
 def attention_inputs(variant, b, c, h, w, dtype=torch.float64, qk_reduction=8, device="cpu"):

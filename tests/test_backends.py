@@ -144,6 +144,15 @@ def test_cuda_backend_block_on_stand_in_ops(cuda_on_cpu, restore_tf32_flag, vari
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_tf32_reaches_the_kernels_of_float32_inputs_only(cuda_on_cpu, restore_tf32_flag):
+    _, fake = cuda_on_cpu()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    for dtype, runs_tf32 in ((torch.bfloat16, False), (torch.float32, True)):
+        fake.calls.clear()
+        attention_grads(attention_inputs("biggan", 1, 16, 2, 4, dtype=dtype), "cuda")
+        assert fake.calls == [("attention_forward", runs_tf32), ("attention_backward", runs_tf32)], dtype
+
+
 @pytest.mark.parametrize("name, dtype", [(name, dtype) for name, backend in BACKENDS.items()
                                          for dtype in (torch.float32, torch.bfloat16, torch.float64)
                                          if backend.dtype_refusal(dtype) is None])
