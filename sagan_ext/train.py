@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
@@ -394,6 +395,31 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def _moved() -> dict:
+    """{name this module had before its concerns moved out: (where it is now, its value)}."""
+    from . import sample, train_config
+    as_config = lambda o: o if isinstance(o, TrainConfig) else TrainConfig(**o)  # noqa: E731  (they took dicts)
+    moved = {name: (f"sagan_ext.train_config.{name}", getattr(train_config, name))
+             for name in ("closest", "ArgumentParser", "parser", "version_line", "read_config_file")}
+    moved.update({name: (f"sagan_ext.run_folder.{name}", getattr(run_folder, name))
+                  for name in ("RUN_MARKERS", "RUN_CONTENTS", "holds_run", "saved_options", "prune_checkpoints")})
+    moved.update(
+        sample_parser=("sagan_ext.sample.parser", sample.parser),
+        RUNTIME_OPTIONS=("sagan_ext.train_config.TrainConfig.runtime_names()", TrainConfig.runtime_names()),
+        check_options=("sagan_ext.train_config.TrainConfig.check", lambda o: as_config(o).check()),
+        delete_run=("sagan_ext.run_folder.delete_run", lambda run, o: run_folder.delete_run(run, as_config(o))))
+    return moved
+
+
+def __getattr__(name: str):
+    moved = _moved()
+    if name not in moved:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    where, value = moved[name]
+    warnings.warn(f"sagan_ext.train.{name} is deprecated: use {where}", DeprecationWarning, stacklevel=2)
+    return value
 
 
 if __name__ == "__main__":

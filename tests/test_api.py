@@ -249,3 +249,14 @@ def test_renamed_names_still_work_and_say_their_new_names():
     with pytest.warns(DeprecationWarning, match="use spectral_norm_every_layer"):
         model = models.apply_spectral_norm(nn.Sequential(nn.Linear(3, 4)))
     assert set(model.state_dict()) == {"0.weight_orig", "0.weight_u", "0.weight_v", "0.bias"}
+    # sagan_ext.train's helpers, now in the modules of their concerns
+    from sagan_ext import run_folder, sample, train, train_config
+    for old, new in (("parser", train_config.parser), ("sample_parser", sample.parser),
+                     ("prune_checkpoints", run_folder.prune_checkpoints), ("holds_run", run_folder.holds_run)):
+        with pytest.warns(DeprecationWarning, match=f"sagan_ext.train.{old} is deprecated: use {new.__module__}"):
+            assert getattr(train, old) is new
+    with pytest.warns(DeprecationWarning, match="TrainConfig.runtime_names"):
+        assert "steps" in train.RUNTIME_OPTIONS and "ch" not in train.RUNTIME_OPTIONS
+    with pytest.warns(DeprecationWarning, match="TrainConfig.check"):
+        with pytest.raises(train_config.UsageError, match="--steps must be a positive integer"):
+            train.check_options({**train.DEFAULTS, "steps": 0})
