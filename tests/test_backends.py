@@ -144,6 +144,25 @@ def test_cuda_backend_block_on_stand_in_ops(cuda_on_cpu, restore_tf32_flag, vari
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("dim", [0, 1])
+def test_cuda_backend_spectral_norm_on_stand_in_ops(cuda_on_cpu, dim):
+    """sagan_ext.spectral_normalize through the cuda backend's Python side: the module's u and v
+    advance as the reference's, and the weight's and sigma's gradients match."""
+    _, fake = cuda_on_cpu()
+    w = torch.randn(6, 4, 3)
+    u0 = torch.nn.functional.normalize(torch.randn(w.shape[dim]), dim=0)
+    v0 = torch.nn.functional.normalize(torch.randn(w.numel() // w.shape[dim]), dim=0)
+    results = {}
+    for backend in ("cuda", "reference"):
+        weight, u, v = w.clone().requires_grad_(), u0.clone(), v0.clone()
+        w_sn, sigma = sagan_ext.spectral_normalize(weight, u, v, dim=dim, n_power_iterations=2, backend=backend)
+        (grad,) = torch.autograd.grad((w_sn * torch.linspace(-1, 1, w.numel()).view(w.shape)).sum() + sigma, weight)
+        results[backend] = (w_sn, sigma, u, v, grad)
+    assert fake.calls == [("spectral_norm_forward", False), ("spectral_norm_backward", False)]
+    for got, want in zip(results["cuda"], results["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_tf32_reaches_the_kernels_of_float32_inputs_only(cuda_on_cpu, restore_tf32_flag):
     _, fake = cuda_on_cpu()
     torch.backends.cuda.matmul.allow_tf32 = True
