@@ -3,7 +3,7 @@ what it runs (devices, dtypes, shape limits through `refusal`, whether it fuses 
 implements the kernels below; `select` is the one policy that picks a backend for an input and,
 when none fits, says why each was refused. A backend never hands an input to another one.
 
-The kernels; q (B, N, dk), k (B, M, dk), v (B, M, dv), grad_o (B, N, dv) arrive as strided views
+The kernels, with q (B, N, dk), k (B, M, dk), v (B, M, dv) and grad_o (B, N, dv) as strided views
 (channel-major from ops.py's projection GEMM, position-major from other callers):
   attention_core_forward(q, k, v, tf32) -> (o, stats)
   attention_core_forward_residual(q, k, v, x, gamma, tf32) -> (x + gamma * o in x's layout, o, stats)
@@ -69,6 +69,7 @@ class Backend(abc.ABC):
         return None
 
     def dtype_refusal(self, dtype: torch.dtype) -> Optional[str]:
+        """Why this backend takes no `dtype` input (None if it does)."""
         return None if dtype in self.dtypes else f"does not support {dtype}"
 
     def refusal(self, device: torch.device, dtype: torch.dtype, query_key_dim: Optional[int] = None,
