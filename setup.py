@@ -37,7 +37,7 @@ setup(
     package_data={"sagan_ext.csrc": ["*.h", "cpu/*.h", "cpu/*.cpp", "cuda/*.h", "cuda/*.cu", "cuda/*.cuh", "cuda/*.cpp",
                                      "cuda/*.txt"]},
     install_requires=["torch>=2.4", "numpy", "ninja", "pillow", "tqdm"],
-    entry_points={"console_scripts": ["sagan-train = sagan_ext.train:main", "sagan-sample = sagan_ext.train:sample_main"]},
+    entry_points={"console_scripts": ["sagan-train = sagan_ext.train:main", "sagan-sample = sagan_ext.sample:main"]},
     extras_require={
         # the trainer's embedded digits come with scikit-learn; its TensorBoard logs need tensorboard
         "train": ["scikit-learn", "tensorboard"],

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # every dtype the ops take
 
 
 def _tensor(name: str, t, dtype=None, device=None) -> Tensor:
@@ -31,19 +31,14 @@ def as_matrix(name: str, weight) -> Tensor:
     if isinstance(weight, Tensor) and weight.dim() == 4 and weight.shape[2:] == (1, 1):
         return weight.flatten(1)
     if isinstance(weight, Tensor) and weight.dim() != 2:
-        raise ValueError(f"{name} must be a (out, in) matrix or a 1x1 conv weight (out, in, 1, 1), got shape {tuple(weight.shape)}")
+        raise ValueError(f"{name} must be a (out, in) matrix or a 1x1 conv weight (out, in, 1, 1), "
+                         f"got shape {tuple(weight.shape)}")
     return weight
 
 
-def check_backend(backend) -> None:
-    from .backends import names  # backends imports the kernels' modules; _checks stays import-light
-
-    if backend not in names():
-        raise ValueError(f"backend must be one of {names()}, got {backend!r}")
-
-
 def check_attention(
-    x, wq, bq: Optional[Tensor], wk, bk: Optional[Tensor], wv, bv: Optional[Tensor], wo: Optional[Tensor], gamma, pool: bool
+    x, wq, bq: Optional[Tensor], wk, bk: Optional[Tensor], wv, bv: Optional[Tensor], wo: Optional[Tensor], gamma,
+    pool: bool,
 ) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -59,11 +54,13 @@ def check_attention(
     for name, t in named.items():
         _tensor(name, t, x.dtype, x.device)
         if t.dim() != 2 or t.shape[1] != c:
-            raise ValueError(f"{name} must have shape (out_channels, {c}) for x with {c} channels, got {tuple(t.shape)}")
+            raise ValueError(f"{name} must have shape (out_channels, {c}) for x with {c} channels, "
+                             f"got {tuple(t.shape)}")
     dk, dv = wq.shape[0], wv.shape[0]
     _shape("key_weight", wk, (dk, c), "same query/key channels as query_weight")
     if wo is None and dv != c:
-        raise ValueError(f"value_weight must have {c} output channels when there is no out_weight (the residual adds it to x), got {dv}")
+        raise ValueError(f"value_weight must have {c} output channels when there is no out_weight (the residual adds "
+                         f"it to x), got {dv}")
     if wo is not None:
         _shape("out_weight", _tensor("out_weight", wo, x.dtype, x.device), (c, dv), "value channels -> x channels")
     for name, t, n in (("query_bias", bq, dk), ("key_bias", bk, dk), ("value_bias", bv, dv)):
@@ -80,7 +77,8 @@ def check_spectral_norm(weight, u, v, dim: int, n_power_iterations: int, eps: fl
     if weight.dim() < 1 or weight.numel() == 0:
         raise ValueError(f"weight must be a non-empty tensor of rank >= 1, got shape {tuple(weight.shape)}")
     if not -weight.dim() <= dim < weight.dim():
-        raise ValueError(f"dim must be in [{-weight.dim()}, {weight.dim()}) for a rank-{weight.dim()} weight, got {dim}")
+        raise ValueError(f"dim must be in [{-weight.dim()}, {weight.dim()}) for a rank-{weight.dim()} weight, "
+                         f"got {dim}")
     h = weight.shape[dim]
     w = weight.numel() // h
     for name, t, n in (("u", u, h), ("v", v, w)):

@@ -1,4 +1,5 @@
-"""sagan_ext.fuse(model): the fused operators inside an existing GAN, in place, by one call.
+"""Existing GANs on the fused operators: sagan_ext.fuse(model), in place, by one call; and
+replace_biggan_attention(model), which swaps BigGAN-PyTorch's attention blocks for FusedSelfAttention.
 
 Each attention block fuse recognises keeps its object; only its class is swapped for a subclass of
 its own class whose forward calls sagan_ext.self_attention on the block's own weights (the technique
@@ -30,8 +31,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import _checks, reference
-from .attention import FusedSelfAttention, conv_weight, self_attention
+from . import backends, reference
+from .attention import FusedSelfAttention, SelfAttentionBlock, conv_weight, self_attention
+from .biggan_checkpoints import has_torch_spectral_norm
 from .spectral_norm import SpectralNorm
 
 torch_sn = importlib.import_module("torch.nn.utils.spectral_norm")
@@ -69,7 +71,7 @@ def fuse(model: nn.Module, *, backend: str = "auto", spectral_norm: bool = True,
     nothing more."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _checks.check_backend(backend)
+    backends.check_name(backend)
     changed = {}
     for name, module in model.named_modules():
         what = []
@@ -98,7 +100,7 @@ def fuse(model: nn.Module, *, backend: str = "auto", spectral_norm: bool = True,
 
 
 def _layout(module: nn.Module) -> Optional[Layout]:
-    if isinstance(module, (FusedSelfAttention, Fused)):  # sagan_ext's own block, or fused already
+    if isinstance(module, (SelfAttentionBlock, Fused)):  # sagan_ext's own blocks, or fused already
         return None
     for layout in LAYOUTS:
         convs = [getattr(module, n, None) for n in layout.convs if n is not None]
@@ -262,3 +264,52 @@ def _same(a, b) -> bool:
     if isinstance(a, Tensor) and isinstance(b, Tensor):
         return a.shape == b.shape and torch.allclose(a, b, rtol=1e-9, atol=1e-12)
     return isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b) and all(map(_same, a, b))
+
+
+def replace_biggan_attention(model: nn.Module, *, backend: str = "auto",
+                             power_iteration_in_eval: bool = False) -> list[str]:
+    """Swap every BigGAN-PyTorch `Attention` in `model` (a whole BigGAN G or D) for a
+    FusedSelfAttention holding its weights and SN state, on the same device, dtype and mode.
+    Returns the swapped modules' names. The model's state dict keeps loading BigGAN checkpoints
+    (the attention entries are converted on load); its attention entries are saved in torch's
+    layout (biggan_checkpoints.to_biggan_state_dict converts back). BigGAN's eval power iteration:
+    see biggan_checkpoints.
+
+    The new block keeps the old one's Parameter objects (weights and gamma, same order), so an
+    optimizer built before the swap (BigGAN's G.optim, D.optim) trains it, and it takes BigGAN's
+    block(h, y) calls (accepts_y). The SN buffers are new (torch's layout): code holding the old
+    block's state-dict tensors (BigGAN's utils.ema) does not see them. fuse(model) keeps the
+    module objects and BigGAN's layout instead, and is the drop-in for training code."""
+    swapped = []
+    for name, old in list(model.named_modules())[1:]:  # the root itself cannot be swapped in place
+        convs = [getattr(old, n, None) for n in ("theta", "phi", "g", "o")]
+        if isinstance(old, SelfAttentionBlock) or not all(isinstance(c, nn.Conv2d) for c in convs) \
+                or not isinstance(getattr(old, "gamma", None), Tensor):
+            continue
+        theta, _, g, _ = convs
+        channels = theta.in_channels
+        biggan_sn = hasattr(theta, "u0")
+        if biggan_sn and getattr(theta, "num_itrs", 1) != 1:
+            raise ValueError(f"{name}: BigGAN SN with num_itrs={theta.num_itrs} is not supported "
+                             f"(1 is BigGAN's default)")
+        spectral_norm = biggan_sn or has_torch_spectral_norm(theta)
+        new = FusedSelfAttention(channels, "biggan", spectral_norm=spectral_norm,
+                                 backend=backend, qk_reduction=channels // theta.out_channels,
+                                 v_reduction=channels // g.out_channels,
+                                 power_iteration_in_eval=power_iteration_in_eval,
+                                 accepts_y=forward_takes_y(old)[0] is True)
+        new.to(device=theta.weight.device, dtype=theta.weight.dtype)
+        new.load_state_dict(old.state_dict())
+        for conv, old_conv in zip(new._convs(), convs):
+            for hook in conv._forward_pre_hooks.values():
+                if isinstance(hook, torch_sn.SpectralNorm):
+                    hook.eps = getattr(old_conv, "eps", hook.eps)
+            # the old Parameter objects, holding the values just loaded: optimizers built before keep training them
+            old_weight = old_conv.weight_orig if has_torch_spectral_norm(old_conv) else old_conv.weight
+            conv._parameters["weight_orig" if spectral_norm else "weight"] = old_weight
+        new.gamma = old.gamma
+        new.train(old.training)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        swapped.append(name)
+    return swapped

@@ -39,7 +39,8 @@ class FeatureClassifier(nn.Module):
         return features, self.head(features)
 
 
-def train_classifier(dataset: ImageDataset, device: torch.device, seed: int = 0, epochs: int = 20) -> tuple[FeatureClassifier, float]:
+def train_classifier(dataset: ImageDataset, device: torch.device, seed: int = 0,
+                     epochs: int = 20) -> tuple[FeatureClassifier, float]:
     """Train on 90% of the dataset (random shifts of up to 2 pixels) and return it with its accuracy
     on the held-out 10%. Unlabelled data keeps the fixed random-init network: Frechet distances in a
     random conv feature space still rank samples, but say less."""

@@ -7,12 +7,14 @@ code). `ops="fused"` builds them on sagan_ext's operators, `ops="eager"` on plai
 and state dicts, so one checkpoint runs on either."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import EagerSelfAttention, FusedSelfAttention
+from .attention import EagerSelfAttention, FusedSelfAttention, SelfAttentionBlock
 from .spectral_norm import spectral_norm as fused_spectral_norm
 
 IMAGE_SIZES = (32, 64, 128)
@@ -153,8 +155,13 @@ class DBlock(nn.Module):
         return h + s
 
 
-def _attention(channels: int, variant: str, ops: str) -> FusedSelfAttention:
+def _attention(channels: int, variant: str, ops: str) -> SelfAttentionBlock:
     return (FusedSelfAttention if ops == "fused" else EagerSelfAttention)(channels, variant)
+
+
+def _attend(attention: SelfAttentionBlock, h: Tensor, return_attention: bool) -> tuple[Tensor, Tensor | None]:
+    """h through the attention block, and its (B, N, N_keys) map if asked for (else None)."""
+    return attention(h, return_attention=True) if return_attention else (attention(h), None)
 
 
 class Generator(nn.Module):
@@ -196,7 +203,7 @@ class Generator(nn.Module):
         for i, block in enumerate(self.blocks):
             h = block(h, y)
             if i == self.attention_after:
-                h, attention = self.attention(h, return_attention=True) if return_attention else (self.attention(h), None)
+                h, attention = _attend(self.attention, h, return_attention)
         image = torch.tanh(self.to_image(F.relu(self.bn(h))))
         return (image, attention) if return_attention else image
 
@@ -224,7 +231,7 @@ class Discriminator(nn.Module):
         for i, block in enumerate(self.blocks):
             h = block(h)
             if i == self.attention_after:
-                h, attention = self.attention(h, return_attention=True) if return_attention else (self.attention(h), None)
+                h, attention = _attend(self.attention, h, return_attention)
         features = F.relu(h).sum(dim=(2, 3))
         logits = self.linear(features).squeeze(1)
         if self.num_classes:
@@ -265,11 +272,20 @@ def spectral_norm_layers(model: nn.Module) -> list[nn.Module]:
             if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding)) and id(m) not in cbn_embeddings]
 
 
-def apply_spectral_norm(model: nn.Module, ops: str = "fused") -> nn.Module:
-    apply = fused_spectral_norm if ops == "fused" else nn.utils.spectral_norm
+def spectral_norm_every_layer(model: nn.Module, ops: str = "fused") -> nn.Module:
+    """Spectral norm on every layer of spectral_norm_layers(model), sagan_ext's (ops="fused") or
+    torch's (ops="eager"), in place."""
+    add = fused_spectral_norm if ops == "fused" else nn.utils.spectral_norm
     for layer in spectral_norm_layers(model):
-        apply(layer)
+        add(layer)
     return model
+
+
+def apply_spectral_norm(model: nn.Module, ops: str = "fused") -> nn.Module:
+    """Deprecated name of spectral_norm_every_layer (sagan_ext.spectral_norm normalises one layer)."""
+    warnings.warn("sagan_ext.models.apply_spectral_norm is deprecated: use spectral_norm_every_layer",
+                  DeprecationWarning, stacklevel=2)
+    return spectral_norm_every_layer(model, ops)
 
 
 def build_models(image_size: int, channels: int, num_classes: int, *, ch: int = 32, z_dim: int = 128,
@@ -285,7 +301,7 @@ def build_models(image_size: int, channels: int, num_classes: int, *, ch: int = 
                   attention=attention, ops=ops, conv_bias=g_conv_bias)
     d = Discriminator(image_size, channels, num_classes, ch=d_ch or ch, attention_res=attention_res,
                       attention=attention, ops=ops)
-    return apply_spectral_norm(g, ops), apply_spectral_norm(d, ops)
+    return spectral_norm_every_layer(g, ops), spectral_norm_every_layer(d, ops)
 
 
 def layer_sigmas(model: nn.Module) -> dict[str, Tensor]:

@@ -3,7 +3,8 @@ a schema, a fake (shape-only) implementation and the autograd formula, for each 
 
 sagan_ext::attention_forward / attention_backward: the whole self-attention block. The shared
 composition (1x1 projections, pooling, residual, projection gradients) lives here once; the
-backend runs only the attention core, which never materialises the N x N map.
+backend (backends.py) runs only the attention core (Backend.attention_core_forward, ...), which
+never materialises the N x N map.
 
 sagan_ext::spectral_norm / spectral_norm_backward: functional, returning the power-iterated u and
 v; the Python wrappers copy them into the module's buffers. (torch.library refuses autograd for
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from .backends import select
+from .backends import precision, select
 
 # ----------------------------------------------------------------------------------------------
 # attention
@@ -58,6 +59,13 @@ def _projections(x, wq, bq, wk, bk, wv, bv, pool):
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), weight, indices
 
 
+def _attention_backend(backend: str, x: Tensor, wq: Tensor, wv: Tensor, tf32: bool):
+    """The backend for this block's input, and whether its kernels run the products as TF32: only
+    a float32 input's, and only where `tf32` allows it (backends.precision)."""
+    kernels = select(backend, x.device, x.dtype, tf32, query_key_dim=wq.shape[0], value_dim=wv.shape[0])
+    return kernels, precision(x.dtype, tf32) == "tf32"
+
+
 def _attention_forward(
     x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
     wv: Tensor, bv: Optional[Tensor], wo: Optional[Tensor], gamma: Tensor, pool: bool, backend: str,
@@ -68,12 +76,12 @@ def _attention_forward(
     `tf32`: fp32 products may run as TF32 on GPUs (torch.backends.cuda.matmul.allow_tf32 at the
     call). It is an argument, not read from the flag inside, so that the backward recomputes the
     scores with the forward's arithmetic even if the flag changed in between."""
-    kernels = select(backend, x.device, x.dtype, tf32)
+    kernels, kernel_tf32 = _attention_backend(backend, x, wq, wv, tf32)
     q, k, v, _, _ = _projections(x, wq, bq, wk, bk, wv, bv, pool)
     h, w = x.shape[-2:]
-    if wo is None and hasattr(kernels, "attention_forward_residual") and (h == 1 or x.stride(2) == w * x.stride(3)):
-        return kernels.attention_forward_residual(q, k, v, x, gamma, tf32)  # the residual in the kernel's epilogue
-    o, stats = kernels.attention_forward(q, k, v, tf32)
+    if wo is None and kernels.fuses_residual and (h == 1 or x.stride(2) == w * x.stride(3)):
+        return kernels.attention_core_forward_residual(q, k, v, x, gamma, kernel_tf32)  # the residual in the epilogue
+    o, stats = kernels.attention_core_forward(q, k, v, kernel_tf32)
     y = o.transpose(1, 2) if wo is None else torch.matmul(wo, o.transpose(1, 2))  # (B, C, N)
     out = torch.empty_like(x)
     torch.addcmul(x, gamma.reshape(()), y.reshape(x.shape), out=out)
@@ -93,7 +101,7 @@ def _attention_backward(
     pool: bool, backend: str, tf32: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dgamma); an absent input gets an empty tensor."""
-    kernels = select(backend, x.device, x.dtype, tf32)
+    kernels, kernel_tf32 = _attention_backend(backend, x, wq, wv, tf32)
     b, c, h, w = x.shape
     sizes = [wq.shape[0], wk.shape[0], wv.shape[0]]  # query, key and value channels
     # Recompute the projections (one GEMM) rather than keep them alive since the forward.
@@ -104,15 +112,15 @@ def _attention_backward(
     g_o = gc if wo is None else torch.matmul(wo.t(), gc)  # (B, dv, N)
     acc = reference.accumulation_dtype(x.dtype)
     dgamma = (g_o.to(acc) * o.transpose(1, 2).to(acc)).sum().reshape(gamma.shape).to(gamma.dtype)
-    do = (g_o * gamma.reshape(()).to(g_o.dtype)).transpose(1, 2)  # (B, N, dv), channel-major
+    grad_o = (g_o * gamma.reshape(()).to(g_o.dtype)).transpose(1, 2)  # (B, N, dv), channel-major
     dwo = x.new_empty(0) if wo is None else torch.matmul(gc, o).sum(0) * gamma.reshape(()).to(x.dtype)
-    dq, dk, dv = kernels.attention_backward(do, q, k, v, o, stats, tf32)
-    if pool:  # unpool dK and dV together through the forward's indices
-        dkv = torch.cat([dk, dv], dim=-1).transpose(1, 2).unflatten(2, indices.shape[-2:])
-        dkv = F.max_unpool2d(dkv, indices, kernel_size=2, output_size=(h, w)).flatten(2)
-        dproj = torch.cat([dq.transpose(1, 2), dkv], dim=1)  # (B, P, N)
+    grad_q, grad_k, grad_v = kernels.attention_core_backward(grad_o, q, k, v, o, stats, kernel_tf32)
+    if pool:  # unpool the key and value gradients together through the forward's indices
+        grad_kv = torch.cat([grad_k, grad_v], dim=-1).transpose(1, 2).unflatten(2, indices.shape[-2:])
+        grad_kv = F.max_unpool2d(grad_kv, indices, kernel_size=2, output_size=(h, w)).flatten(2)
+        dproj = torch.cat([grad_q.transpose(1, 2), grad_kv], dim=1)  # (B, P, N)
     else:
-        dproj = torch.cat([dq, dk, dv], dim=-1).transpose(1, 2)
+        dproj = torch.cat([grad_q, grad_k, grad_v], dim=-1).transpose(1, 2)
     # one GEMM each for the three weights together and for dx (plus the residual's g)
     dwq, dwk, dwv = torch.matmul(dproj, xc.transpose(1, 2)).sum(0).split(sizes)
     dx = torch.baddbmm(gc, weight.t().expand(b, -1, -1), dproj).view(b, c, h, w)
@@ -168,14 +176,9 @@ def _spectral_norm(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(weight / sigma, sigma, u', v'): u', v' are u, v after power iteration (copies if none ran)."""
     kernels = select(backend, weight.device, weight.dtype)
-    u_new, v_new = u.clone(), v.clone()
-    w_sn, sigma = kernels.spectral_norm_forward(
-        reference.weight_matrix(weight, dim), u_new, v_new, n_power_iterations if training else 0, eps)
-    if dim != 0:
-        moved = list(weight.shape)
-        moved.insert(0, moved.pop(dim))
-        return w_sn.reshape(moved).movedim(0, dim).contiguous(), sigma, u_new, v_new
-    return w_sn.reshape(weight.shape), sigma, u_new, v_new
+    w_sn, sigma, u_new, v_new = kernels.spectral_norm_forward(
+        reference.weight_matrix(weight, dim), u, v, n_power_iterations if training else 0, eps)
+    return reference.matrix_as_weight(w_sn, weight.shape, dim).contiguous(), sigma, u_new, v_new
 
 
 def _spectral_norm_fake(weight, u, v, dim, n_power_iterations, eps, training, backend):
@@ -188,13 +191,9 @@ def _spectral_norm_backward(
     dim: int, backend: str,
 ) -> Tensor:
     kernels = select(backend, weight_sn.device, weight_sn.dtype)
-    g = reference.weight_matrix(grad_weight_sn, dim)
-    dw = kernels.spectral_norm_backward(g, grad_sigma, reference.weight_matrix(weight_sn, dim), u, v, sigma)
-    if dim != 0:
-        moved = list(weight_sn.shape)
-        moved.insert(0, moved.pop(dim))
-        return dw.reshape(moved).movedim(0, dim).contiguous()
-    return dw.reshape(weight_sn.shape)
+    dw = kernels.spectral_norm_backward(reference.weight_matrix(grad_weight_sn, dim), grad_sigma,
+                                        reference.weight_matrix(weight_sn, dim), u, v, sigma)
+    return reference.matrix_as_weight(dw, weight_sn.shape, dim).contiguous()
 
 
 def _spectral_norm_backward_fake(grad_weight_sn, grad_sigma, weight_sn, u, v, sigma, dim, backend):
@@ -219,7 +218,6 @@ def _sn_autograd(ctx, grad_w_sn, grad_sigma, _gu, _gv):
         return reference.spectral_norm_backward(grad_w_sn, grad_sigma, w_sn, u, v, sigma, ctx.dim), *([None] * 7)
     dw = spectral_norm_backward(grad_w_sn, grad_sigma, w_sn, u, v, sigma, ctx.dim, ctx.backend)
     return dw, None, None, None, None, None, None, None
-
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The math of sagan_ext in plain PyTorch. Every backend is tested against these functions.
 
 Shapes: x is (B, C, H, W); N = H*W query positions; M key positions (N, or N/4 when the keys
-and values are 2x2 max-pooled as in the TF/BigGAN variant). Projections are kept position-major,
-q (B, N, dk), k (B, M, dk), v (B, M, dv), because that is the layout the attention kernels read.
+and values are 2x2 max-pooled as in the TF/BigGAN variant). The projections here are
+position-major tensors, q (B, N, dk), k (B, M, dk), v (B, M, dv), the plainest form of the math;
+the kernels read the same shapes through strides (ops.py passes channel-major views).
 """
 from __future__ import annotations
 
@@ -42,15 +43,15 @@ def attention_core_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of attention_core for q, k, v, recomputing p from the saved row statistics."""
     acc = stats.dtype
-    q_, k_, v_, do = q.to(acc), k.to(acc), v.to(acc), grad_o.to(acc)
+    q_, k_, v_, grad_o_ = q.to(acc), k.to(acc), v.to(acc), grad_o.to(acc)
     row_max, row_sum = stats[:, 0].unsqueeze(-1), stats[:, 1].unsqueeze(-1)
     p = torch.exp(torch.bmm(q_, k_.transpose(1, 2)) - row_max) / row_sum
-    delta = (do * o.to(acc)).sum(-1, keepdim=True)  # rowsum(dO * O) = rowsum(P * dP)
-    ds = p * (torch.bmm(do, v_.transpose(1, 2)) - delta)
-    dq = torch.bmm(ds, k_)
-    dk = torch.bmm(ds.transpose(1, 2), q_)
-    dv = torch.bmm(p.transpose(1, 2), do)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    delta = (grad_o_ * o.to(acc)).sum(-1, keepdim=True)  # rowsum(dO * O) = rowsum(P * dP)
+    grad_s = p * (torch.bmm(grad_o_, v_.transpose(1, 2)) - delta)
+    grad_q = torch.bmm(grad_s, k_)
+    grad_k = torch.bmm(grad_s.transpose(1, 2), q_)
+    grad_v = torch.bmm(p.transpose(1, 2), grad_o_)
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
 
 
 def positions(t: Tensor) -> Tensor:
@@ -122,19 +123,30 @@ def weight_matrix(weight: Tensor, dim: int) -> Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
+def matrix_as_weight(matrix: Tensor, shape, dim: int) -> Tensor:
+    """The inverse of weight_matrix: a [shape[dim], -1] matrix viewed in the weight's `shape`."""
+    if dim == 0:
+        return matrix.reshape(shape)
+    moved = list(shape)
+    moved.insert(0, moved.pop(dim))
+    return matrix.reshape(moved).movedim(0, dim)
+
+
 def spectral_norm(
     weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float, training: bool
-) -> tuple[Tensor, Tensor]:
-    """torch.nn.utils.spectral_norm's computation: returns (weight / sigma, sigma); in training,
-    u and v are updated in place by power iteration, without gradient."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """torch.nn.utils.spectral_norm's computation: returns (weight / sigma, sigma, u', v'), u' and
+    v' new tensors: in training, u and v after n_power_iterations steps of power iteration
+    (without gradient), else copies. u and v are left as they are."""
     w = weight_matrix(weight, dim)
+    u, v = u.clone(), v.clone()
     if training:
         with torch.no_grad():
             for _ in range(n_power_iterations):
-                v.copy_(F.normalize(torch.mv(w.t(), u), dim=0, eps=eps))
-                u.copy_(F.normalize(torch.mv(w, v), dim=0, eps=eps))
+                v = F.normalize(torch.mv(w.t(), u), dim=0, eps=eps)
+                u = F.normalize(torch.mv(w, v), dim=0, eps=eps)
     sigma = torch.dot(u, torch.mv(w, v))
-    return weight / sigma, sigma
+    return weight / sigma, sigma, u, v
 
 
 def spectral_norm_backward(
@@ -143,9 +155,4 @@ def spectral_norm_backward(
     """dW = (G - (<G, W_sn> - g_sigma * sigma) u v^T) / sigma, u and v held constant."""
     g = weight_matrix(grad_weight_sn, dim)
     c = (g * weight_matrix(weight_sn, dim)).sum() - grad_sigma * sigma
-    dw = (g - c * torch.outer(u, v)) / sigma
-    if dim != 0:
-        shape = list(weight_sn.shape)
-        shape.insert(0, shape.pop(dim))
-        return dw.reshape(shape).movedim(0, dim)
-    return dw.reshape(weight_sn.shape)
+    return matrix_as_weight((g - c * torch.outer(u, v)) / sigma, weight_sn.shape, dim)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _checks, ops
+from . import _checks, backends, ops
 
 # the module, not the function of the same name that torch.nn.utils exports
 torch_sn = importlib.import_module("torch.nn.utils.spectral_norm")
@@ -72,7 +72,7 @@ def spectral_norm(
     power_iteration_in_eval=True: eval forwards also run the power iteration from the stored u, v
     without saving it, as BigGAN-PyTorch's SN layers do; by default eval uses the stored u, v, as
     torch's does."""
-    _checks.check_backend(backend)
+    backends.check_name(backend)
     if dim is None:
         dim = _default_dim(module)
     for hook in module._forward_pre_hooks.values():

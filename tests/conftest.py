@@ -11,10 +11,6 @@ import pytest  # noqa: E402
 
 import sagan_ext  # noqa: E402
 
-# Backends that run on this machine's CPU. The triton backend runs here only under its
-# interpreter, which tests/test_triton.py sets up; CUDA-only checks live in tests/test_gpu.py.
-CPU_BACKENDS = ["reference", "cpu"]
-
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,7 @@ from torch import nn
 import sagan_ext
 from sagan_ext import ops
 
-from conftest import CPU_BACKENDS
-from sagan_ext_testing import attention_inputs
+from sagan_ext_testing import CPU_BACKENDS, TinyDiscriminator, attention_inputs
 
 
 def _call(x=None, **over):
@@ -100,8 +100,8 @@ def test_backward_gets_the_forwards_tf32_choice(monkeypatch, restore_tf32_flag):
     # backward must still be told what the forward did, or p = exp(s - m) / l stops summing to 1.
     reference_backend = sagan_ext.backends.BACKENDS["reference"]
     seen = []
-    backward = reference_backend.attention_backward
-    monkeypatch.setattr(reference_backend, "attention_backward",
+    backward = reference_backend.attention_core_backward
+    monkeypatch.setattr(reference_backend, "attention_core_backward",
                         lambda *args: seen.append(args[-1]) or backward(*args))
     inputs = attention_inputs("sagan", 1, 16, 3, 4, dtype=torch.float32)
     for forward_flag in (True, False):
@@ -153,18 +153,6 @@ def test_opcheck_attention(backend, variant):
     args = (x, wq, inputs.get("bq"), wk, inputs.get("bk"), wv, inputs.get("bv"), inputs.get("wo"), gamma,
             variant == "biggan", backend)
     torch.library.opcheck(ops.attention_forward, args)
-
-
-class TinyDiscriminator(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = sagan_ext.spectral_norm(nn.Conv2d(3, 16, 3, padding=1))
-        self.attention = sagan_ext.FusedSelfAttention(16, spectral_norm=True)
-        self.head = sagan_ext.spectral_norm(nn.Linear(16, 1))
-
-    def forward(self, x):
-        h = self.attention(torch.relu(self.conv(x)))
-        return self.head(h.sum((2, 3)))
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -234,3 +222,41 @@ def test_a_warm_compile_cache_never_replays_graphs_of_another_operator_contract(
     assert current["op"] != older["op"]
     again = _compile_once(package.parent, cache)
     assert again["hits"] > 0 and again["op"] == current["op"], f"the cache should serve its own graphs: {again}"
+
+
+def test_renamed_names_still_work_and_say_their_new_names():
+    """Names that meant two things were renamed; the old ones work as before, with a DeprecationWarning."""
+    from sagan_ext import biggan_checkpoints, dropin, models
+    from sagan_ext.attention import SelfAttentionBlock
+
+    eager = sagan_ext.EagerSelfAttention(16)  # no longer a FusedSelfAttention: both are SelfAttentionBlocks
+    assert isinstance(eager, SelfAttentionBlock) and type(eager).__mro__[1] is SelfAttentionBlock
+    with pytest.warns(DeprecationWarning, match="EagerSelfAttention is no longer a FusedSelfAttention"):
+        assert isinstance(eager, sagan_ext.FusedSelfAttention)
+    with pytest.warns(DeprecationWarning, match="SelfAttentionBlock"):
+        assert issubclass(sagan_ext.EagerSelfAttention, sagan_ext.FusedSelfAttention)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert isinstance(sagan_ext.FusedSelfAttention(16), sagan_ext.FusedSelfAttention)
+        assert not isinstance(nn.Linear(2, 2), sagan_ext.FusedSelfAttention)
+    # sagan_ext.biggan named the attention variant and BigGAN-PyTorch's checkpoint format
+    for old, new in (("replace_attention", dropin.replace_biggan_attention),
+                     ("from_biggan_state_dict", biggan_checkpoints.from_biggan_state_dict),
+                     ("to_biggan_state_dict", biggan_checkpoints.to_biggan_state_dict)):
+        with pytest.warns(DeprecationWarning, match=f"sagan_ext.biggan.{old} is deprecated: use {new.__module__}"):
+            assert getattr(sagan_ext.biggan, old) is new
+    # models.apply_spectral_norm (a whole model) beside sagan_ext.spectral_norm (one layer)
+    with pytest.warns(DeprecationWarning, match="use spectral_norm_every_layer"):
+        model = models.apply_spectral_norm(nn.Sequential(nn.Linear(3, 4)))
+    assert set(model.state_dict()) == {"0.weight_orig", "0.weight_u", "0.weight_v", "0.bias"}
+    # sagan_ext.train's helpers, now in the modules of their concerns
+    from sagan_ext import run_folder, sample, train, train_config
+    for old, new in (("parser", train_config.parser), ("sample_parser", sample.parser),
+                     ("prune_checkpoints", run_folder.prune_checkpoints), ("holds_run", run_folder.holds_run)):
+        with pytest.warns(DeprecationWarning, match=f"sagan_ext.train.{old} is deprecated: use {new.__module__}"):
+            assert getattr(train, old) is new
+    with pytest.warns(DeprecationWarning, match="TrainConfig.runtime_names"):
+        assert "steps" in train.RUNTIME_OPTIONS and "ch" not in train.RUNTIME_OPTIONS
+    with pytest.warns(DeprecationWarning, match="TrainConfig.check"):
+        with pytest.raises(train_config.UsageError, match="--steps must be a positive integer"):
+            train.check_options({**train.DEFAULTS, "steps": 0})

@@ -6,8 +6,9 @@ import torch
 import sagan_ext
 from sagan_ext import reference
 
-from conftest import CPU_BACKENDS
-from sagan_ext_testing import attention_grads, attention_inputs, large_logit_errors, positional_block, reference_grads
+import sagan_modules
+from sagan_ext_testing import (CPU_BACKENDS, assert_grads, assert_relative, attention_grads, attention_inputs,
+                               check_block, check_large_logits, check_low_precision, reference_grads)
 
 # (B, C, H, W): N = 1, N = 63 (7 x 9, H != W), N = 300 (more than one 256-row block, ragged
 # tail), C = 8 (one query/key channel), batch 1.
@@ -38,24 +39,8 @@ def test_float32_within_1e4_of_float64_reference(backend, variant):
     inputs = attention_inputs(variant, 2, 32, 15, 20, dtype=torch.float32)
     out, grads = attention_grads(inputs, backend)
     ref_out, ref_grads = reference_grads({k: v.double() for k, v in inputs.items()})
-    _assert_relative(out, ref_out, 1e-4, "out")
-    _assert_grads(grads, ref_grads, 1e-4)
-
-
-def _assert_grads(grads, ref_grads, tol):
-    for name in grads:
-        # d(key bias) is zero in exact arithmetic (a constant added to every score of a row does
-        # not change its softmax): its rounding noise is measured against d(query bias), the sum
-        # of terms of the same size.
-        scale = ref_grads["bq"].norm() if name == "bk" else None
-        _assert_relative(grads[name], ref_grads[name], tol, f"d{name}", scale)
-
-
-def _assert_relative(actual, expected, tol, what, scale=None):
-    """Norm-wise relative error ||actual - expected|| / ||expected|| (METHOD.md)."""
-    scale = expected.norm().clamp_min(1e-30) if scale is None else scale
-    err = (actual.double() - expected).norm() / scale
-    assert err < tol, f"{what}: relative error {err:.2e} > {tol}"
+    assert_relative(out, ref_out, 1e-4, "out")
+    assert_grads(grads, ref_grads, 1e-4)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -64,33 +49,10 @@ def test_low_precision(backend, dtype):
     check_low_precision(backend, dtype, attention_inputs("sagan", 2, 16, 9, 7, dtype=dtype))
 
 
-def check_low_precision(backend, dtype, inputs):
-    # Norm-wise error against float64 on the same (rounded) inputs: at most twice what eager
-    # PyTorch itself makes in this dtype, plus 1e-2 (FlashAttention's rule). Gamma's gradient sums
-    # thousands of cancelling low-precision products, so even eager is off by ~4e-2 there.
-    out, grads = attention_grads(inputs, backend)
-    assert out.dtype == dtype and all(g.dtype == dtype for g in grads.values())
-    exact_out, exact_grads = reference_grads({k: v.detach().double().requires_grad_() for k, v in inputs.items()})
-    eager_out, eager_grads = reference_grads(inputs)
-    for name, got, exact, eager in [("out", out, exact_out, eager_out)] + [
-            (f"d{n}", grads[n], exact_grads[n], eager_grads[n]) for n in grads]:
-        # d(key bias) is 0 in exact arithmetic: its noise is measured against d(query bias)
-        scale = exact_grads["bq"].norm() if name == "dbk" else None
-        tol = 2 * _error(eager, exact, scale) + 1e-2
-        assert _error(got, exact, scale) < tol, f"{name}: error {_error(got, exact, scale):.2e} > {tol:.2e}"
-
-
-def _error(actual, expected, scale=None):
-    scale = expected.norm().clamp_min(1e-30) if scale is None else scale
-    return ((actual.double() - expected).norm() / scale).item()
-
-
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_gradcheck(backend, variant):
-    inputs = attention_inputs(variant, 1, 8, 4, 6, dtype=torch.float64)
-    block = positional_block(list(inputs), variant, backend)
-    assert torch.autograd.gradcheck(block, tuple(inputs.values()), eps=1e-6, atol=1e-6)
+    assert check_block(torch.autograd.gradcheck, variant, (1, 8, 4, 6), backend, eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -176,40 +138,17 @@ def test_spectral_norm_module_matches_snconv_stack():
     torch.testing.assert_close(fused(x), plain(x), rtol=1e-9, atol=1e-9)
 
 
-import sagan_modules  # noqa: E402  (kept beside the tests that use it)
-
-
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_double_backward_for_gradient_penalties(backend, variant):
     # WGAN-GP differentiates a gradient: create_graph=True must give correct second derivatives.
-    inputs = attention_inputs(variant, 1, 8, 2, 4, dtype=torch.float64)
-    block = positional_block(list(inputs), variant, backend)
-    assert torch.autograd.gradgradcheck(block, tuple(inputs.values()), eps=1e-6, atol=1e-5)
+    assert check_block(torch.autograd.gradgradcheck, variant, (1, 8, 2, 4), backend, eps=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("variant, x_scale", [("sagan", 10.0), ("sagan", 30.0), ("biggan", 10.0)])
 def test_float32_large_logits_as_accurate_as_eager(backend, variant, x_scale):
     check_large_logits(backend, variant, x_scale)
-
-
-def check_large_logits(backend, variant, x_scale, device="cpu"):
-    """SAGAN's scores are unscaled: x_scale 10 gives scores of ~1e3, 30 of ~1e4. The backward
-    recomputes p = exp(s - m) / l from the saved row max and sum; a saved fp32 log-sum-exp put
-    ulp(m) into every p (fp32 gradients 20-100% off, eager within 1e-4).
-    Paper block: within 3x of eager's own fp32 error. Two exceptions, both from the FlashAttention
-    identity delta = rowsum(dO * O) (eager's softmax backward sums P * dP instead, consistent with
-    its own p): d(key bias), zero in exact arithmetic, whose noise is that of delta; and the
-    BigGAN block, whose sharper pooled attention amplifies O's rounding in delta (up to ~5x eager's
-    error, measured): these are held to the fp32 standard, 1e-4 relative."""
-    errors, largest = large_logit_errors(backend, variant, x_scale, device=device)
-    assert largest > 5e2
-    for name, (fused, eager) in errors.items():
-        if variant == "sagan" and name != "bk":
-            assert fused <= 3 * eager + 1e-6, f"{name}: fused fp32 error {fused:.2e} > 3x eager's {eager:.2e}"
-        else:
-            assert fused < 1e-4, f"{name}: fused fp32 error {fused:.2e} (eager {eager:.2e})"
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -230,4 +169,4 @@ def test_autocast_casts_float32_and_leaves_float64_alone(backend, variant):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out, expected = fused(x.to(dtype)), eager(x.to(dtype))
         assert (out.dtype, expected.dtype) == (fused_dtype, eager_dtype)
-        _assert_relative(out, eager.double()(x.double()), tol, f"{dtype} out")
+        assert_relative(out, eager.double()(x.double()), tol, f"{dtype} out")

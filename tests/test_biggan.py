@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 import sagan_ext
-from sagan_ext import biggan
+from sagan_ext import biggan_checkpoints
+from sagan_ext.dropin import replace_biggan_attention
 
-from conftest import CPU_BACKENDS
+from sagan_ext_testing import CPU_BACKENDS
 from sagan_modules import BigGANAttention, BigGANSNConv2d
 from third_party_models import biggan_models
 
@@ -117,7 +118,7 @@ def test_round_trips():
     again.load_state_dict(saved)
     torch.testing.assert_close(again(x), ours(x), rtol=0, atol=0)
     back = BigGANAttention(16, which_conv=BigGANSNConv2d).double()  # ours -> BigGAN
-    back.load_state_dict(biggan.to_biggan_state_dict(saved))
+    back.load_state_dict(biggan_checkpoints.to_biggan_state_dict(saved))
     for name in CONVS:  # sv0: the sigma our stored pair gives
         sigma = saved[f"{name}.weight_u"] @ saved[f"{name}.weight_orig"].flatten(1) @ saved[f"{name}.weight_v"]
         torch.testing.assert_close(getattr(back, name).sv0, sigma.reshape(1), rtol=1e-12, atol=0)
@@ -133,7 +134,8 @@ class TinyBigGANG(nn.Module):
 
     def __init__(self, which_conv=BigGANSNConv2d, attention=None):
         super().__init__()
-        self.blocks = nn.ModuleList([nn.ModuleList([which_conv(3, 16, 1), attention or BigGANAttention(16, BigGANSNConv2d)]),
+        attention = attention or BigGANAttention(16, BigGANSNConv2d)
+        self.blocks = nn.ModuleList([nn.ModuleList([which_conv(3, 16, 1), attention]),
                                      nn.ModuleList([which_conv(16, 3, 1)])])
 
     def forward(self, x):
@@ -147,7 +149,7 @@ def test_whole_models_replace_attention_and_convert_state_dicts():
     theirs = TinyBigGANG().double()
     checkpoint = copy.deepcopy(theirs.state_dict())
     swapped = copy.deepcopy(theirs)
-    assert biggan.replace_attention(swapped) == ["blocks.0.1"]
+    assert replace_biggan_attention(swapped) == ["blocks.0.1"]
     assert isinstance(swapped.blocks[0][1], sagan_ext.FusedSelfAttention)
     swapped.load_state_dict(checkpoint)  # a whole BigGAN checkpoint still loads into the swapped model
     with torch.no_grad():
@@ -160,7 +162,7 @@ def test_whole_models_replace_attention_and_convert_state_dicts():
     def sn_conv(i, o, k):
         return sagan_ext.spectral_norm(nn.Conv2d(i, o, k))
     ported = TinyBigGANG(sn_conv, sagan_ext.FusedSelfAttention(16, "biggan", spectral_norm=True)).double()
-    ported.load_state_dict(biggan.from_biggan_state_dict(theirs.state_dict()))
+    ported.load_state_dict(biggan_checkpoints.from_biggan_state_dict(theirs.state_dict()))
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     torch.testing.assert_close(ported(x), theirs(x), rtol=1e-10, atol=1e-10)
 
@@ -171,7 +173,7 @@ def test_replace_attention_takes_biggans_y_and_keeps_the_optimizer():
     with torch.no_grad():
         theirs.G.blocks[1][1].gamma.fill_(0.6), ours.G.blocks[1][1].gamma.fill_(0.6)
     params = list(ours.G.parameters())
-    assert biggan.replace_attention(ours.G) == ["blocks.1.1"]
+    assert replace_biggan_attention(ours.G) == ["blocks.1.1"]
     block = ours.G.blocks[1][1]
     assert isinstance(block, sagan_ext.FusedSelfAttention) and block.accepts_y
     # the same Parameter objects in the same order: G.optim, built in the constructor, trains the new block

@@ -12,7 +12,7 @@ from torch import nn
 
 import sagan_ext
 
-from conftest import CPU_BACKENDS
+from sagan_ext_testing import CPU_BACKENDS
 from sagan_modules import BigGANAttention, BigGANSNConv2d, HeykeetaeSelfAttn, StudioGANSelfAttention
 from third_party_models import (BigGANGenerator, biggan_models, biggan_step, heykeetae_models, heykeetae_step,
                                 studiogan_models, studiogan_step)

@@ -10,12 +10,11 @@ from torch import nn
 
 import sagan_ext
 
-from sagan_ext_testing import attention_grads, attention_inputs, reference_grads
-from test_attention import _assert_grads, _assert_relative, check_large_logits, check_low_precision
+from sagan_ext_testing import (GPU_BACKENDS, TinyDiscriminator, assert_grads, assert_relative, attention_grads,
+                               attention_inputs, check_large_logits, check_low_precision, reference_grads)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-GPU_BACKENDS = ["cuda", "triton"]
 # N = 1, 63 (7 x 9), 300 (ragged), 1024 with C = 256 (dk 32, dv 256), 256 with C = 512 (dk 64, dv 512)
 SHAPES = [(2, 8, 1, 1), (1, 8, 7, 9), (2, 64, 15, 20), (2, 256, 32, 32), (1, 512, 16, 16)]
 
@@ -39,10 +38,10 @@ def test_float32_matches_float64_reference(backend, variant):
         out, grads = attention_grads(inputs, backend)
         ref_out, ref_grads = reference_grads({k: v.detach().double().requires_grad_() for k, v in inputs.items()})
         assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads.values()), shape
-        _assert_relative(out, ref_out, 1e-4, f"{shape} out")
+        assert_relative(out, ref_out, 1e-4, f"{shape} out")
         if shape[2:] == (1, 1):  # one key: q and k get exactly zero gradient
             grads = {k: v for k, v in grads.items() if k not in ("wq", "bq", "wk", "bk")}
-        _assert_grads(grads, ref_grads, 1e-4)
+        assert_grads(grads, ref_grads, 1e-4)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -146,7 +145,8 @@ def test_deterministic_mode_is_bitwise_repeatable(path):
     ops, (dtype, tf32, tol) = _core_ops(), CUDA_PATHS[path]
     torch.manual_seed(0)
     b, n, m, dk, dv = 2, 200, 300, 24, 130
-    q, k, v, do = (torch.randn(*shape, device="cuda").to(dtype) for shape in ((b, n, dk), (b, m, dk), (b, m, dv), (b, n, dv)))
+    q, k, v, do = (torch.randn(*shape, device="cuda").to(dtype)
+                   for shape in ((b, n, dk), (b, m, dk), (b, m, dv), (b, n, dv)))
     stream = torch.cuda.current_stream().cuda_stream
     o, stats = ops.attention_forward(q, k, v, tf32, stream)
     atomic = ops.attention_backward(do, q, k, v, o, stats, tf32, stream)
@@ -182,7 +182,8 @@ def ptx_selftest():
     from sagan_ext import _build
     _core_ops()  # the library's own build first: the same flags
     here = Path(__file__).resolve().parent / "cuda"
-    cpp_extension.load(name="sagan_ext_ptx_selftest", sources=[str(here / "ptx_selftest.cu"), str(here / "ptx_selftest_binding.cpp")],
+    cpp_extension.load(name="sagan_ext_ptx_selftest",
+                       sources=[str(here / "ptx_selftest.cu"), str(here / "ptx_selftest_binding.cpp")],
                        extra_include_paths=[str(_build.csrc_dir() / "cuda"), str(here)], is_python_module=False,
                        extra_cuda_cflags=_build.nvcc_flags() + _build._device_arch_flags(), verbose=False)
     return torch.ops.sagan_ext_test.ptx_mma_selftest
@@ -220,7 +221,8 @@ def test_tf32_block_like_eager_tf32(backend, variant):
     try:
         for shape in ((2, 64, 15, 20), (2, 256, 32, 32)):
             poison_allocator()
-            check_low_precision(backend, torch.float32, attention_inputs(variant, *shape, dtype=torch.float32, device="cuda"))
+            inputs = attention_inputs(variant, *shape, dtype=torch.float32, device="cuda")
+            check_low_precision(backend, torch.float32, inputs)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = False
 
@@ -230,7 +232,6 @@ def test_auto_picks_the_measured_fastest_and_compile_fullgraph_matches_eager():
     for dtype, tf32, fastest in ((torch.float16, False, "triton"), (torch.bfloat16, False, "triton"),
                                  (torch.float32, True, "triton"), (torch.float32, False, "cuda")):
         assert select("auto", torch.device("cuda"), dtype, tf32).name == fastest, (dtype, tf32)
-    from test_api import TinyDiscriminator
     torch.manual_seed(0)
     eager, compiled = TinyDiscriminator().cuda(), TinyDiscriminator().cuda()
     compiled.load_state_dict(eager.state_dict())

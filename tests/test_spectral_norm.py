@@ -8,7 +8,7 @@ from torch import nn
 import sagan_ext
 from sagan_ext import ops, reference
 
-from conftest import CPU_BACKENDS
+from sagan_ext_testing import CPU_BACKENDS
 
 LAYERS = {
     "conv2d": (lambda: nn.Conv2d(6, 10, 3), lambda: torch.randn(2, 6, 7, 5)),

@@ -1,35 +1,18 @@
 """The trainer: tiny runs of every image size on both --ops, exact resume, a 2-process DDP run,
 NaN handling, bad arguments, the gradient penalty against the eager model, data loaders, metrics."""
-import csv
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from sagan_ext import data, evaluation, models, train
-
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--ch", "8", "--batch-size", "2", "--eval-samples", "20", "--log-every", "1", "--no-progress"]
-
-
-def run(out: Path, classifier_file: Path, *args: str) -> int:
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / "classifier.pt").exists():
-        shutil.copy(classifier_file, out / "classifier.pt")
-    return train.main(["--out", str(out), *TINY, *args])
-
-
-def metrics(out: Path) -> list[dict]:
-    with open(out / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
+from sagan_ext_testing import ROOT, TINY, free_port, metrics, run
 
 
 @pytest.mark.parametrize("image_size", [32, 64, 128])
@@ -126,12 +109,6 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, cla
     assert [p.name for p in train.checkpoints(tmp_path)] == ["step_0000002.pt"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_ddp_run_on_gloo_with_sync_bn_is_the_single_process_run(tmp_path, classifier_file):
     """2 processes x 2 images with --sync-bn against 1 process x 4: the same noise, labels, real
     batches, BN statistics and mean-loss gradients, so the same logged losses and weights."""
@@ -139,7 +116,8 @@ def test_two_process_ddp_run_on_gloo_with_sync_bn_is_the_single_process_run(tmp_
     ddp.mkdir()
     shutil.copy(classifier_file, ddp / "classifier.pt")
     common = ["--steps", "3", "--checkpoint-every", "3", "--eval-every", "3", "--sync-bn"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "sagan_ext.train", "--out", str(ddp), *TINY, *common]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -212,7 +190,8 @@ def test_sync_batch_norm_is_batch_norm_over_the_global_batch(tmp_path):
     reference = torch.nn.BatchNorm2d(3).double()
     with torch.no_grad():
         reference.weight.uniform_(0.5, 2), reference.bias.uniform_(-1, 1)
-    inputs = dict(x=torch.randn(4, 3, 5, 7, dtype=torch.float64) * 2 + 0.5, dy=torch.randn(4, 3, 5, 7, dtype=torch.float64),
+    inputs = dict(x=torch.randn(4, 3, 5, 7, dtype=torch.float64) * 2 + 0.5,
+                  dy=torch.randn(4, 3, 5, 7, dtype=torch.float64),
                   state={k: v.clone() for k, v in reference.state_dict().items()})
     torch.multiprocessing.spawn(_sync_bn_rank, (2, str(tmp_path / "store"), inputs, str(tmp_path / "out")), nprocs=2)
     ranks = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(2)]
@@ -314,7 +293,8 @@ def test_fused_and_eager_models_agree_including_the_gradient_penalty(variant):
         penalty = train.gradient_penalty(d(mixed, y), mixed)
         loss = train.discriminator_loss(d(real, y), d(fake, y), "wgan-gp") + 10 * penalty
         loss.backward()
-        grads[ops] = (loss.detach(), penalty.detach(), {n: p.grad for n, p in [*g.named_parameters(), *d.named_parameters()]})
+        named = [*g.named_parameters(), *d.named_parameters()]
+        grads[ops] = (loss.detach(), penalty.detach(), {n: p.grad for n, p in named})
     (loss_f, pen_f, g_f), (loss_e, pen_e, g_e) = grads["fused"], grads["eager"]
     torch.testing.assert_close(loss_f, loss_e, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(pen_f, pen_e, rtol=1e-9, atol=1e-9)
@@ -340,7 +320,8 @@ def test_dataset_loaders(tmp_path):
     for cls in ("cat", "dog"):
         (tmp_path / "folder" / cls).mkdir(parents=True)
         for i in range(3):
-            Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "folder" / cls / f"{i}.png")
+            image = Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+            image.save(tmp_path / "folder" / cls / f"{i}.png")
     folder = data.load_dataset(str(tmp_path / "folder"), 32)
     assert folder.images.shape == (6, 3, 32, 32) and folder.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert folder.class_names == ["cat", "dog"] and folder.num_classes == 2
@@ -372,7 +353,8 @@ def test_frechet_distance_matches_the_closed_form_for_diagonal_covariances():
     assert abs(got - expected.item()) < 1e-9
     # and a rotated (non-diagonal) pair: the distance is rotation invariant
     q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))
-    rotated = evaluation.frechet_distance((q @ mu_a, q @ torch.diag(var_a) @ q.T), (q @ mu_b, q @ torch.diag(var_b) @ q.T))
+    rotated = evaluation.frechet_distance((q @ mu_a, q @ torch.diag(var_a) @ q.T),
+                                          (q @ mu_b, q @ torch.diag(var_b) @ q.T))
     assert abs(rotated - expected.item()) < 1e-8
 
 
@@ -433,7 +415,8 @@ class FakeInception(torch.nn.Module):
 def test_inception_file_adds_fid(tmp_path, classifier_file, capsys):
     inception = tmp_path / "inception.pt"
     torch.jit.script(FakeInception()).save(str(inception))
-    assert run(tmp_path / "run", classifier_file, "--steps", "2", "--eval-every", "2", "--inception", str(inception)) == 0
+    assert run(tmp_path / "run", classifier_file, "--steps", "2", "--eval-every", "2",
+               "--inception", str(inception)) == 0
     fid = float(metrics(tmp_path / "run")[-1]["fid"])
     assert np.isfinite(fid) and fid > 0
     (tmp_path / "bad.pt").write_bytes(b"nope")

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train import ROOT, TINY, metrics, run
 
-from sagan_ext import data, files, train
+from sagan_ext import data, files, run_folder, sample, train, train_config
+from sagan_ext_testing import ROOT, TINY, free_port, metrics, run
 
 QUICK = ["--eval-every", "100", "--checkpoint-every", "1"]
 
@@ -56,7 +56,8 @@ def steps(out: Path) -> list[int]:
 
 def console(*args: str) -> subprocess.CompletedProcess:
     """The sagan-train command of this checkout (the installed console script imports site-packages')."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, "-m", "sagan_ext.train", *args], env=env, capture_output=True, text=True,
                           timeout=300)
 
@@ -188,7 +189,8 @@ def test_full_disk_and_read_only_folder_get_one_message_and_touch_no_earlier_fil
         assert train.main(["--resume", str(tmp_path), "--steps", "3"]) == 2
         assert train.main(["--out", str(tmp_path / "new"), *TINY, "--steps", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"sagan-train: error: cannot write {tmp_path / 'config.json'}: [Errno 30] Read-only file system (EROFS)",
+    assert err == [f"sagan-train: error: cannot write {tmp_path / 'config.json'}: [Errno 30] Read-only file system "
+                   f"(EROFS)",
                    f"sagan-train: error: cannot write {tmp_path / 'new' / 'samples'}: [Errno 30] Read-only file system "
                    f"(EROFS)"]
     assert digests(tmp_path) == snapshot
@@ -219,7 +221,6 @@ def test_a_write_error_on_rank_zero_stops_every_rank(tmp_path, classifier_file, 
     """Rank 0 alone writes the run folder. When it cannot (here while starting, or at a checkpoint),
     the other ranks must stop with it, exit status 2, rather than wait for it in their next
     collective (or die there with a traceback)."""
-    from test_train import free_port
     out, status = tmp_path / "run", tmp_path / "status"
     out.mkdir(), status.mkdir()
     (out / "classifier.pt").write_bytes(classifier_file.read_bytes())
@@ -303,7 +304,8 @@ def test_fresh_run_into_an_existing_run_is_refused_without_overwrite(tmp_path, c
     lines = out.splitlines()
     assert lines[:3] == ["sagan-train: reading the dataset (digits)...",
                          f"sagan-train: --overwrite: deleting the run in {tmp_path}",
-                         f"sagan-train: loading the proxy classifier for the quality metrics ({tmp_path / 'classifier.pt'})..."]
+                         f"sagan-train: loading the proxy classifier for the quality metrics "
+                         f"({tmp_path / 'classifier.pt'})..."]
     assert lines[3].startswith("sagan-train: computing the real images' statistics")
     assert lines[4].startswith("sagan-train: digits (1797 images") and "(1 CPU threads)" in lines[4]
     assert lines[-1].endswith("last checkpoint checkpoints/step_0000001.pt.")
@@ -318,12 +320,12 @@ def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     for step in (1, 2, 3, 9):  # 9: a later checkpoint that is not this run's
         (tmp_path / "checkpoints" / f"step_{step:07d}.pt").write_bytes(b"")
-    train.prune_checkpoints(tmp_path, 1, tmp_path / "checkpoints" / "step_0000003.pt")
+    run_folder.prune_checkpoints(tmp_path, 1, tmp_path / "checkpoints" / "step_0000003.pt")
     assert [p.name for p in train.checkpoints(tmp_path)] == ["step_0000003.pt", "step_0000009.pt"]
 
 
 def test_every_option_says_what_it_does():
-    for parser in (train.parser(), train.sample_parser()):
+    for parser in (train_config.parser(), sample.parser()):
         for action in parser._actions:
             text = (action.help or "").replace("%(default)s", "")
             assert len(text.split()) >= 3 and not text.startswith("(default"), (parser.prog, action.option_strings)
@@ -362,7 +364,7 @@ def test_bad_image_files_are_named_and_skipped(tmp_path, capsys):
     only_bad.mkdir(parents=True)
     (only_bad / "empty.png").write_bytes(b"")
     assert train.main(["--out", str(tmp_path / "run2"), "--dataset", str(only_bad.parent), *TINY]) == 2
-    assert f"no readable images" in (err := capsys.readouterr().err) and str(only_bad / "empty.png") in err
+    assert "no readable images" in (err := capsys.readouterr().err) and str(only_bad / "empty.png") in err
 
 
 def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path):

@@ -12,8 +12,8 @@ from torch import nn
 import sagan_ext
 from sagan_ext import reference
 
-from sagan_ext_testing import attention_grads, attention_inputs, reference_grads
-from test_attention import _assert_grads, _assert_relative, check_large_logits, check_low_precision
+from sagan_ext_testing import (assert_grads, assert_relative, attention_grads, attention_inputs, check_large_logits,
+                               check_low_precision, reference_grads)
 
 triton = pytest.importorskip("triton", reason="triton is not installed on this platform")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs the kernels interpreted
@@ -37,12 +37,12 @@ def test_float32_forward_and_every_gradient(variant, shape, reduction):
     out, grads = attention_grads(inputs, "triton")
     ref_out, ref_grads = reference_grads({k: v.detach().double().requires_grad_() for k, v in inputs.items()})
     assert out.dtype == torch.float32 and grads.keys() == ref_grads.keys()
-    _assert_relative(out, ref_out, 1e-4, "out")
+    assert_relative(out, ref_out, 1e-4, "out")
     if shape[2:] == (1, 1):  # one key: softmax is 1 whatever q and k are, so their gradients are 0
         for name in ("wq", "bq", "wk", "bk"):
-            _assert_relative(grads[name], ref_grads[name], 1e-4, f"d{name}", scale=ref_grads["x"].norm())
+            assert_relative(grads[name], ref_grads[name], 1e-4, f"d{name}", scale=ref_grads["x"].norm())
         grads = {k: v for k, v in grads.items() if k not in ("wq", "bq", "wk", "bk")}
-    _assert_grads(grads, ref_grads, 1e-4)
+    assert_grads(grads, ref_grads, 1e-4)
 
 
 @pytest.mark.parametrize("variant, shape, reduction", [("sagan", (2, 16, 9, 8), 8), ("biggan", (2, 16, 9, 8), 8),
@@ -85,12 +85,12 @@ def test_core_reads_either_layout_through_strides(layout):
     assert all(a is b for a, b in zip(backward.args, (q32, k32, v32, do32))), "the backward copied an input"
     o, stats = torch.ops.sagan_ext_triton.attention_forward(q32, k32, v32, False)
     assert stats.shape == (b, 2, n) and stats.dtype == torch.float32 and stats.is_contiguous()
-    _assert_relative(o.cpu(), ref_o, 1e-5, "o")
-    _assert_relative(stats.cpu(), ref_stats, 1e-5, "stats")
+    assert_relative(o.cpu(), ref_o, 1e-5, "o")
+    assert_relative(stats.cpu(), ref_stats, 1e-5, "stats")
     grads = torch.ops.sagan_ext_triton.attention_backward(do32, q32, k32, v32, o, stats, False)
     for name, g, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert g.dtype == torch.float32
-        _assert_relative(g.cpu(), ref, 1e-5, name)
+        assert_relative(g.cpu(), ref, 1e-5, name)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for the interpreter")
@@ -110,9 +110,9 @@ def test_large_logits_stay_finite_and_exact():
     q = reference.project(*(inputs[k].detach() for k in ("x", "wq", "bq", "wk", "bk", "wv", "bv")), False)
     assert torch.bmm(q[0], q[1].transpose(1, 2)).abs().max() > 500
     assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads.values())
-    _assert_relative(out, ref_out, 1e-4, "out")
+    assert_relative(out, ref_out, 1e-4, "out")
     for name in ("x", "wv", "gamma"):
-        _assert_relative(grads[name], ref_grads[name], 1e-3, f"d{name}")
+        assert_relative(grads[name], ref_grads[name], 1e-3, f"d{name}")
 
 
 @pytest.mark.parametrize("make", [lambda: nn.Conv2d(24, 40, 3), lambda: nn.Linear(100, 33),
@@ -123,7 +123,8 @@ def test_spectral_norm_matches_torch(make):
     theirs = torch.nn.utils.spectral_norm(make().to(DEVICE), n_power_iterations=2)
     ours = sagan_ext.spectral_norm(make().to(DEVICE), n_power_iterations=2, backend="triton")
     ours.load_state_dict(theirs.state_dict())
-    shape = (24, 9, 9) if isinstance(base, nn.Conv2d) else (12, 5, 5) if isinstance(base, nn.ConvTranspose2d) else (100,)
+    shapes = {nn.Conv2d: (24, 9, 9), nn.ConvTranspose2d: (12, 5, 5), nn.Linear: (100,)}
+    shape = shapes[type(base)]
     x = torch.randn(3, *shape, device=DEVICE)
     for step in range(3):
         y_t, y_o = theirs(x), ours(x)
@@ -181,8 +182,8 @@ def test_fused_residual_epilogue_writes_x_layout(layout):
     inputs["x"] = x.requires_grad_()
     out, grads = attention_grads(inputs, "triton")
     ref_out, ref_grads = reference_grads({k: v.detach().double().requires_grad_() for k, v in inputs.items()})
-    _assert_relative(out, ref_out, 1e-4, "out")
-    _assert_grads(grads, ref_grads, 1e-4)
+    assert_relative(out, ref_out, 1e-4, "out")
+    assert_grads(grads, ref_grads, 1e-4)
 
 
 def _core_case(device, dtype=torch.float32, dv=64, n=64, seed=0):
@@ -223,7 +224,7 @@ def test_autotuning_does_not_add_its_timed_runs_into_the_gradients(monkeypatch):
     grads = torch.ops.sagan_ext_triton.attention_backward(do, q, k, v, o, stats, False)
     assert len(timed) >= 2, "the autotuner did not time several configs: this test proves nothing"
     for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
-        _assert_relative(got.cpu(), want, 1e-5, name)
+        assert_relative(got.cpu(), want, 1e-5, name)
     # inside CUDA-graph capture the tuner is bypassed: the config it chose for these arguments
     (_, launch), _ = triton_kernels._backward_launches(do, q, k, v, o, stats, False)
     kernel, kwargs = triton_kernels.untuned_launch(launch.kernel, launch.args, launch.kwargs)
@@ -243,7 +244,7 @@ def test_first_backward_after_tuning_matches_float64_on_the_gpu(dtype):
     grads = torch.ops.sagan_ext_triton.attention_backward(do, q, k, v, o, stats, False)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
-        _assert_relative(got.double().cpu(), want, tol, name)
+        assert_relative(got.double().cpu(), want, tol, name)
 
 
 def test_every_autotuner_resets_what_its_kernel_accumulates(monkeypatch):
@@ -271,7 +272,8 @@ def test_every_autotuner_resets_what_its_kernel_accumulates(monkeypatch):
                 assert accumulated <= set(launch.kernel.reset_to_zero), (launch.kernel.base_fn.__name__, accumulated)
                 assert launch.kernel.early_config_prune is None and launch.kernel.perf_model is None
                 checked += 1
-    assert checked == 18 and {name for name, _ in triton_kernels._tuners} == {"_attention_forward", "_attention_backward"}
+    tuned = {name for name, _ in triton_kernels._tuners}
+    assert checked == 18 and tuned == {"_attention_forward", "_attention_backward"}
 
 
 @pytest.mark.parametrize("mean", [0.0, 10.0])
@@ -291,4 +293,4 @@ def test_ds_rounded_once_whatever_the_value_tiles(mean):
     q64, k64, v64, do64 = (t.double().cpu() for t in (q, k, v, do))
     ref_o, ref_stats = reference.attention_core(q64, k64, v64)
     _, ref_dk, _ = reference.attention_core_backward(do64, q64, k64, v64, ref_o, ref_stats)
-    _assert_relative(dk_.cpu(), ref_dk, 4e-3, f"dk at mean {mean}")
+    assert_relative(dk_.cpu(), ref_dk, 4e-3, f"dk at mean {mean}")

@@ -117,7 +117,8 @@ def compile_one(kernel, args, kwargs):
 
 
 def config_name(config):
-    return "BM{BLOCK_M} BN{BLOCK_N} BDV{BLOCK_DV}".format(**config.kwargs) + f" w{config.num_warps} s{config.num_stages}"
+    blocks = "BM{BLOCK_M} BN{BLOCK_N} BDV{BLOCK_DV}".format(**config.kwargs)
+    return f"{blocks} w{config.num_warps} s{config.num_stages}"
 
 
 def launches_for(label, dtype, sweeps):
@@ -128,7 +129,8 @@ def launches_for(label, dtype, sweeps):
            ("delta dv512", backward[0], False)]
     pooled = block_inputs("biggan", 256, 64, 64, dtype)  # dk 32, dv 128, M = 1024: k and v pooled views
     forward, backward = attention_launches(*pooled[:4])
-    out += [("forward dk32 dv128 M1024 (biggan)", forward[0], False), ("backward dk32 dv128 M1024 (biggan)", backward[1], False)]
+    out += [("forward dk32 dv128 M1024 (biggan)", forward[0], False),
+            ("backward dk32 dv128 M1024 (biggan)", backward[1], False)]
     tiny = block_inputs("sagan", 8, 7, 9, dtype)  # dk 1 -> 16, dv 8, N = 63: unaligned strides
     forward, backward = attention_launches(*tiny)
     out += [("forward+residual dk1 dv8 N63", forward[0], False), ("backward dk1 dv8 N63", backward[1], False)]
@@ -173,7 +175,8 @@ def main(arch: int, quick: bool) -> int:
             for kname, kernel, (_, stack, spill, _, regs) in compiled:
                 shared = kernel.metadata.shared
                 dots = dot_instructions(kernel, arch)
-                print(f"  {kname:<72} regs {regs:>3}  spill {spill:>5} B  stack {stack:>5} B  shared {shared / 1024:6.1f} KiB  {dots}")
+                print(f"  {kname:<72} regs {regs:>3}  spill {spill:>5} B  stack {stack:>5} B  "
+                      f"shared {shared / 1024:6.1f} KiB  {dots}")
                 if shared > limit:
                     failures.append(f"{kname}: {shared} bytes of shared memory > {limit} on sm_{arch}")
                 if int(spill) > SPILL_LIMIT:
