@@ -24,6 +24,7 @@ The matrix (the subset that covers every code path within CI's time; the full pr
   dk 32), a tiny odd block (dk 1 padded to 16, N = 63: unaligned strides, the epilogue), and
   position-major (contiguous) q, k, v, dO once per dot kind;
 - the delta and spectral-norm kernels;
+- the attention kernels widen the batch index to int64 before the batch offsets (read from the TTIR);
 - --quick (for the oldest supported Triton): one pruned launch of each, no sweeps.
 """
 from __future__ import annotations
@@ -183,10 +184,19 @@ def main(arch: int, quick: bool) -> int:
                     failures.append(f"{kname}: spills {spill} bytes (limit {SPILL_LIMIT})")
                 if tensor_cores and "fma" in dots:
                     failures.append(f"{kname}: a {label} dot is not a tensor-core instruction ({dots})")
+                if "spectral_norm" not in kname and not batch_index_is_int64(kernel.asm["ttir"]):
+                    failures.append(f"{kname}: the batch index (program_id 1) is not widened to int64 before its offsets")
     print(f"sm_{arch}: compiled in {time.time() - start:.0f} s; {len(failures)} failure(s)")
     for failure in failures:
         print("FAILURE:", failure)
     return 1 if failures else 0
+
+
+def batch_index_is_int64(ttir: str) -> bool:
+    """The attention kernels' batch offsets are b * batch_stride, past 2^31 elements from B N dv of
+    2^31 on (e.g. N = 65536 at B = 64, dv 512): the batch index must be widened to int64 first."""
+    found = re.search(r"(%\w+) = tt\.get_program_id y : i32", ttir)
+    return bool(found) and re.search(rf"= arith\.extsi {re.escape(found.group(1))} : i32 to i64", ttir) is not None
 
 
 def dot_instructions(kernel, arch) -> str:
