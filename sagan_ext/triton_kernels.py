@@ -149,9 +149,10 @@ def _attention_backward(
     stride_qb, stride_qn, stride_qc, stride_kb, stride_km, stride_kc, stride_vb, stride_vm, stride_vc,
     stride_dob, stride_don, stride_doc, N, M, DK, DV,
     DK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, ONE_VALUE_TILE: tl.constexpr,
 ):
-    """DQ (B, N, DK) zeroed float32, added to atomically; DK_OUT (B, M, DK) and DV_OUT (B, M, DV) stored."""
+    """DQ (B, N, DK) zeroed float32, added to atomically; DK_OUT (B, M, DK) and DV_OUT (B, M, DV) stored.
+    ONE_VALUE_TILE: BLOCK_DV >= DV (the same for every config the pruning keeps)."""
     pid_n, b, pid_dv = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dks = tl.arange(0, DK_PAD)
@@ -174,12 +175,13 @@ def _attention_backward(
         do = _load_tile(DO, rows, dvs, stride_don, stride_doc, N, DV)
         dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        for t in range(0, DV, BLOCK_DV):  # the other value tiles' share of dP: none when one tile spans dv
-            if t != c0:
-                t_dvs = t + tl.arange(0, BLOCK_DV)
-                do_t = _load_tile(DO, rows, t_dvs, stride_don, stride_doc, N, DV)
-                v_t = _load_tile(V, cols, t_dvs, stride_vm, stride_vc, M, DV)
-                dp += tl.dot(do_t, tl.trans(v_t), input_precision=PRECISION)
+        if not ONE_VALUE_TILE:  # the other value tiles' share of dP (a nested loop: this one then is not pipelined)
+            for t in range(0, DV, BLOCK_DV):
+                if t != c0:
+                    t_dvs = t + tl.arange(0, BLOCK_DV)
+                    do_t = _load_tile(DO, rows, t_dvs, stride_don, stride_doc, N, DV)
+                    v_t = _load_tile(V, cols, t_dvs, stride_vm, stride_vc, M, DV)
+                    dp += tl.dot(do_t, tl.trans(v_t), input_precision=PRECISION)
         if pid_dv == 0:
             delta = tl.load(DELTA + b * N + rows, mask=rows < N, other=0.0)
             ds = (p * (dp - delta[:, None])).to(q.dtype)
@@ -307,10 +309,12 @@ def _spectral_norm_backward_apply(G, U, V, DOTP, n_dotp, GRAD_SIGMA, SIGMA, DW, 
 # twice the shared memory, so its tiles are smaller), and fp32 "ieee" dots as FMA loops over
 # register tiles (smaller still: 64x32 and 64x64 query x key tiles spilled up to 13 KB with dk 64).
 # Value tiles up to 256 wide, so that one program spans the paper's and BigGAN's value dims: the
-# pruning keeps only the configs with the fewest value tiles. The forward's tensor-core configs
-# pipeline 3 stages. Every config fits sm_80 and sm_90 and spills at most a few hundred bytes:
-# tests/triton_compile.py prints registers, spills and shared memory for each and fails when one
-# does not fit.
+# pruning keeps only the configs with the fewest value tiles. The tensor-core configs pipeline 3
+# stages (TF32's backward 2, for shared memory); the backward's loop is pipelined only when one
+# value tile spans dv (ONE_VALUE_TILE: no nested loop in it; Triton pipelines innermost loops only),
+# as for the paper's and BigGAN's blocks. Every config fits sm_80 and sm_90 and spills at most a few
+# hundred bytes: tests/triton_compile.py prints registers, spills, shared memory and asynchronous
+# copies for each and fails when one does not fit or an attention loop that must prefetch does not.
 FORWARD_TILES = {
     "tensor_core": [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 64, 128, 4, 3), (128, 64, 128, 8, 3),
                     (64, 64, 256, 8, 3), (32, 32, 64, 4, 2)],
@@ -318,7 +322,7 @@ FORWARD_TILES = {
     "fma": [(32, 32, 64, 8, 2), (16, 64, 32, 4, 2), (16, 32, 64, 4, 2), (32, 32, 32, 4, 2)],
 }
 BACKWARD_TILES = {
-    "tensor_core": [(64, 64, 64, 4, 2), (32, 64, 128, 4, 2), (64, 64, 128, 8, 2), (32, 64, 256, 8, 2),
+    "tensor_core": [(64, 64, 64, 4, 3), (32, 64, 128, 4, 3), (64, 64, 128, 8, 3), (32, 64, 256, 8, 3),
                     (32, 32, 64, 4, 2)],
     "tf32": [(64, 64, 64, 4, 2), (32, 64, 128, 8, 2), (32, 16, 128, 4, 2), (32, 32, 64, 4, 2)],
     "fma": [(32, 32, 32, 8, 1), (16, 32, 32, 4, 1), (32, 16, 32, 4, 1), (16, 16, 32, 4, 1)],
@@ -457,8 +461,11 @@ def _backward_launches(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, s
     args = (q, k, v, do, stats, delta, dq, dk_, dv_, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
             n, m, dk, dv)
     precision = _precision(q.dtype, tf32)
-    kernel = _tuned_kernel(BACKWARD_TUNING, kept_tiles(BACKWARD_TILES, dot_kind(precision, q.dtype), n, m, dv))
-    launches.append(Launch(kernel, grid, args, _tuned_args(DK_PAD=_dk_pad(dk), PRECISION=precision)))
+    tiles = kept_tiles(BACKWARD_TILES, dot_kind(precision, q.dtype), n, m, dv)
+    kwargs = _tuned_args(DK_PAD=_dk_pad(dk), PRECISION=precision)
+    block_dv = kwargs.get("BLOCK_DV", tiles[0][2])  # pinned, or the tuned one: the kept tiles agree on T
+    kwargs["ONE_VALUE_TILE"] = bool(dv <= block_dv)
+    launches.append(Launch(_tuned_kernel(BACKWARD_TUNING, tiles), grid, args, kwargs))
     return launches, (dq, dk_, dv_)
 
 

@@ -176,8 +176,12 @@ def main(arch: int, quick: bool) -> int:
             for kname, kernel, (_, stack, spill, _, regs) in compiled:
                 shared = kernel.metadata.shared
                 dots = dot_instructions(kernel, arch)
+                copies = asynchronous_copies(kernel)
                 print(f"  {kname:<72} regs {regs:>3}  spill {spill:>5} B  stack {stack:>5} B  "
-                      f"shared {shared / 1024:6.1f} KiB  {dots}")
+                      f"shared {shared / 1024:6.1f} KiB  {dots:<9}  async copies {copies}")
+                if tensor_cores and must_pipeline(kname, launch) and not (copies and loops(kernel) == 1):
+                    failures.append(f"{kname}: its loop's loads are not pipelined ({copies} asynchronous copies, "
+                                    f"{loops(kernel)} loops in the TTGIR)")
                 if shared > limit:
                     failures.append(f"{kname}: {shared} bytes of shared memory > {limit} on sm_{arch}")
                 if int(spill) > SPILL_LIMIT:
@@ -190,6 +194,28 @@ def main(arch: int, quick: bool) -> int:
     for failure in failures:
         print("FAILURE:", failure)
     return 1 if failures else 0
+
+
+def asynchronous_copies(kernel) -> int:
+    """cp.async (or TMA) copies in the TTGIR: what Triton's software pipeliner emits for the loads it
+    prefetches into shared memory. It pipelines innermost loops only."""
+    return len(re.findall(r"ttg\.async_copy_global_to_local|ttng\.async_tma_copy", kernel.asm["ttgir"]))
+
+
+def loops(kernel) -> int:
+    return kernel.asm["ttgir"].count("scf.for ")
+
+
+def must_pipeline(kname: str, launch) -> bool:
+    """The attention kernels whose one loop must prefetch its tiles: the forward, and the backward
+    when one value tile (BLOCK_DV, in the config's name) spans dv (else the other tiles' loop nests
+    in it, and Triton pipelines innermost loops only); not with odd sizes (N63), whose 2-byte-aligned
+    rows no cp.async can copy."""
+    kind = kname.split()[1]
+    if kind not in ("forward", "forward+residual", "backward") or "N63" in kname:
+        return False
+    dv = launch.args[launch.kernel.arg_names.index("DV")]
+    return kind != "backward" or dv <= int(re.search(r"BDV(\d+)", kname).group(1))
 
 
 def batch_index_is_int64(ttir: str) -> bool:
