@@ -7,7 +7,8 @@
 #              with the kernel objects it built                             -> versions.txt
 #   sanitizer  compute-sanitizer memcheck, racecheck, initcheck and synccheck on a small case of
 #              every CUDA kernel (benchmarks/sanitizer_cases.cu, no torch), then memcheck on the
-#              Triton kernels' small cases; runs beside the tests         -> sanitizer.txt
+#              Triton kernels' small cases (the forward's TMA path too); runs beside the tests
+#                                                                           -> sanitizer.txt
 #   tests      tests/test_gpu.py and tests/test_triton.py on the GPU      -> tests.txt
 #   bench      spectral norm, the trainer step, the headline benchmark    -> bench_headline.json
 #   grid       the wider grid, with whatever time is left                  -> bench_grid.json
@@ -109,7 +110,7 @@ sanitizer() {
     fi
   done
   echo "---- memcheck, Triton kernels (t=$(elapsed) s)" >> "$OUT/sanitizer.txt"
-  if timeout 120 compute-sanitizer --tool memcheck --error-exitcode 99 --kernel-name kns=_attention --kernel-name kns=_spectral_norm \
+  if SAGAN_EXT_TRITON_TMA=1 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 99 --kernel-name kns=_attention --kernel-name kns=_spectral_norm \
        "$PY" benchmarks/gpu_small_case.py triton >> "$OUT/sanitizer.txt" 2>&1; then
     echo "memcheck (triton): clean" | tee -a "$OUT/sanitizer.txt"
   else

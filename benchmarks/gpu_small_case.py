@@ -1,7 +1,8 @@
 """One small case of every GPU kernel of the named backends (default: cuda and triton): attention
 forward and backward, both variants, each dtype, fp32 with and without TF32; spectral norm
 forward, eval and backward. For compute-sanitizer (benchmarks/gpu_check.sh runs the triton ones
-under memcheck; the CUDA kernels have their own torch-free program, sanitizer_cases.cu).
+under memcheck, with SAGAN_EXT_TRITON_TMA=1 so that the aligned case takes the TMA forward; the
+CUDA kernels have their own torch-free program, sanitizer_cases.cu).
     python benchmarks/gpu_small_case.py [cuda] [triton]"""
 import sys
 
@@ -14,7 +15,8 @@ for backend in backends:
     for tf32 in (False, True):
         torch.backends.cuda.matmul.allow_tf32 = tf32
         for dtype in (torch.float32,) if tf32 else (torch.float32, torch.bfloat16, torch.float16):
-            for variant, shape in (("sagan", (2, 64, 7, 9)), ("biggan", (1, 32, 6, 10))):
+            # ragged (N = 63, 60); N = 64 has the 16-byte strides the Triton forward's TMA path needs
+            for variant, shape in (("sagan", (2, 64, 7, 9)), ("biggan", (1, 32, 6, 10)), ("sagan", (2, 64, 8, 8))):
                 torch.manual_seed(0)
                 block = sagan_ext.FusedSelfAttention(shape[1], variant, backend=backend).to("cuda", dtype)
                 x = torch.randn(*shape, device="cuda", dtype=dtype, requires_grad=True)

@@ -14,6 +14,9 @@ passes them, or position-major as tests do; no copies.
 - fp32 inputs go through tl.dot as TF32 when the op's tf32 is set (the caller's
   torch.backends.cuda.matmul.allow_tf32, decided once in the forward and passed to the backward), else in
   full precision ("ieee", FMA: smaller tiles, or the accumulators spill).
+- Loads are pipelined by Triton (cp.async, 3 stages on tensor cores). On Hopper the forward can
+  copy its q, k, v tiles with TMA instead (SAGAN_EXT_TRITON_TMA=1; opt-in until it has run on a GPU),
+  where strides and bases allow it (tma_layout).
 - Block sizes are tl.constexpr, autotuned over short pruned lists on GPUs; under the interpreter
   (TRITON_INTERPRET=1, which runs these kernels exactly on the CPU) one small config is pinned so
   that tests run fast and exercise ragged tails.
@@ -59,6 +62,28 @@ def _store_tile(base, rows, cols, row_stride, col_stride, n_rows, n_cols, value)
 
 
 @triton.jit
+def _tile_descriptor(base, n_rows, n_cols, row_stride, col_stride, BLOCK_ROWS: tl.constexpr,
+                     BLOCK_COLS: tl.constexpr, CHANNEL_MAJOR: tl.constexpr):
+    """A TMA descriptor (Hopper's bulk tensor copies) of the (n_rows, n_cols) matrix at base, for
+    [BLOCK_ROWS, BLOCK_COLS] tiles, zero outside it. A channel-major matrix (row_stride 1) is
+    described as its transpose, since TMA needs the last dimension contiguous; _load_described
+    transposes its tiles back."""
+    if CHANNEL_MAJOR:
+        return tl.make_tensor_descriptor(base, [n_cols, n_rows], [col_stride, 1], [BLOCK_COLS, BLOCK_ROWS])
+    else:
+        return tl.make_tensor_descriptor(base, [n_rows, n_cols], [row_stride, 1], [BLOCK_ROWS, BLOCK_COLS])
+
+
+@triton.jit
+def _load_described(descriptor, row, col, CHANNEL_MAJOR: tl.constexpr):
+    """The [BLOCK_ROWS, BLOCK_COLS] tile at (row, col) of _tile_descriptor's matrix."""
+    if CHANNEL_MAJOR:
+        return tl.trans(descriptor.load([col, row]))
+    else:
+        return descriptor.load([row, col])
+
+
+@triton.jit
 def _scores(q, k, PRECISION: tl.constexpr):
     """s = q k^T for one (query block, key block) tile: the forward and the backward both call this
     on [BLOCK_M, DK_PAD] x [BLOCK_N, DK_PAD] tiles, so the backward's s is the forward's."""
@@ -75,26 +100,40 @@ def _attention_forward(
     stride_vb, stride_vm, stride_vc, N, M, DK, DV,
     X, OUT, GAMMA, stride_xb, stride_xc, stride_xn, stride_outb, stride_outc, stride_outn,  # RESIDUAL: OUT = X + gamma O
     DK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr, RESIDUAL: tl.constexpr,
+    PRECISION: tl.constexpr, RESIDUAL: tl.constexpr, TMA: tl.constexpr, CHANNEL_MAJOR: tl.constexpr,
 ):
-    """O (B, N, DV) contiguous; STATS (B, 2, N): row max m and row sum l = sum exp(s - m)."""
+    """O (B, N, DV) contiguous; STATS (B, 2, N): row max m and row sum l = sum exp(s - m).
+    TMA (Hopper): q, k, v tiles copied by TMA descriptors (CHANNEL_MAJOR: all three are), not by
+    per-thread loads; the caller checked the 16-byte alignment TMA needs."""
     pid_m, b, pid_dv = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)  # int64: B N dv > 2^31
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dks = tl.arange(0, DK_PAD)
     dvs = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    q = _load_tile(Q + b * stride_qb, rows, dks, stride_qn, stride_qc, N, DK)
+    if TMA:
+        q = _load_described(_tile_descriptor(Q + b * stride_qb, N, DK, stride_qn, stride_qc, BLOCK_M, DK_PAD,
+                                             CHANNEL_MAJOR), pid_m * BLOCK_M, 0, CHANNEL_MAJOR)
+        k_tiles = _tile_descriptor(K + b * stride_kb, M, DK, stride_km, stride_kc, BLOCK_N, DK_PAD, CHANNEL_MAJOR)
+        v_tiles = _tile_descriptor(V + b * stride_vb, M, DV, stride_vm, stride_vc, BLOCK_N, BLOCK_DV, CHANNEL_MAJOR)
+    else:
+        q = _load_tile(Q + b * stride_qb, rows, dks, stride_qn, stride_qc, N, DK)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for start in range(0, M, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k = _load_tile(K + b * stride_kb, cols, dks, stride_km, stride_kc, M, DK)
+        if TMA:
+            k = _load_described(k_tiles, start, 0, CHANNEL_MAJOR)
+        else:
+            k = _load_tile(K + b * stride_kb, cols, dks, stride_km, stride_kc, M, DK)
         s = tl.where(cols[None, :] < M, _scores(q, k, PRECISION), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2((s - m_new[:, None]) * LOG2E)
         alpha = tl.exp2((m_i - m_new) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(V + b * stride_vb, cols, dvs, stride_vm, stride_vc, M, DV)
+        if TMA:
+            v = _load_described(v_tiles, start, pid_dv * BLOCK_DV, CHANNEL_MAJOR)
+        else:
+            v = _load_tile(V + b * stride_vb, cols, dvs, stride_vm, stride_vc, M, DV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
@@ -402,6 +441,8 @@ class Launch(NamedTuple):
 def _run(launches: list[Launch]) -> None:
     capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
     for kernel, grid, args, kwargs in launches:
+        if kwargs.get("TMA") and not interpreting():  # set per launch: Triton's allocator is per thread
+            triton.set_allocator(_descriptor_scratch)
         if capturing and isinstance(kernel, triton.runtime.Autotuner):
             kernel, kwargs = untuned_launch(kernel, args, kwargs)
         torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
@@ -426,9 +467,36 @@ def _strides(t: Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _forward_launches(q: Tensor, k: Tensor, v: Tensor, tf32: bool, x=None, gamma=None):
+def tma_wanted(device: torch.device) -> bool:
+    """The forward's TMA path, opt-in (SAGAN_EXT_TRITON_TMA=1) until it has run on a GPU: on Hopper
+    or newer, and under the interpreter (which runs the descriptors' arithmetic, for tests)."""
+    if os.environ.get("SAGAN_EXT_TRITON_TMA") != "1":
+        return False
+    return interpreting() or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def tma_layout(*tensors: Tensor) -> bool | None:
+    """CHANNEL_MAJOR if TMA can copy the (B, rows, cols) tensors' tiles: each contiguous along the
+    same dimension (cols: position-major; rows: channel-major) and every other stride and the base
+    a multiple of 16 bytes; None if not, or while torch.compile traces (no data pointer to check)."""
+    if torch.compiler.is_compiling() or any(torch._subclasses.fake_tensor.is_fake(t) for t in tensors):
+        return None
+    for channel_major in (True, False):
+        unit = 1 if channel_major else 2
+        if all(t.stride(unit) == 1 and t.data_ptr() % 16 == 0
+               and all(t.stride(d) * t.element_size() % 16 == 0 for d in (0, 1, 2) if d != unit) for t in tensors):
+            return channel_major
+    return None
+
+
+def _descriptor_scratch(size: int, alignment: int, stream) -> Tensor:
+    """Global memory for the TMA descriptors a kernel builds (tl.make_tensor_descriptor), per launch."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _forward_launches(q: Tensor, k: Tensor, v: Tensor, tf32: bool, x=None, gamma=None, tma=None):
     """The forward's launches and (out, o, stats); out is x + gamma * o^T in x's layout if x is
-    given, else o."""
+    given, else o. tma: use TMA copies (when the layouts allow), default tma_wanted()."""
     b, n, dk = q.shape
     m, dv = k.shape[1], v.shape[2]
     o = q.new_empty((b, n, dv))
@@ -442,7 +510,9 @@ def _forward_launches(q: Tensor, k: Tensor, v: Tensor, tf32: bool, x=None, gamma
             x if residual else o, out, gamma if residual else o, *xs)
     precision = _precision(q.dtype, tf32)
     kernel = _tuned_kernel(FORWARD_TUNING, kept_tiles(FORWARD_TILES, dot_kind(precision, q.dtype), n, m, dv))
-    kwargs = _tuned_args(DK_PAD=_dk_pad(dk), PRECISION=precision, RESIDUAL=residual)
+    channel_major = tma_layout(q, k, v) if (tma_wanted(q.device) if tma is None else tma) else None
+    kwargs = _tuned_args(DK_PAD=_dk_pad(dk), PRECISION=precision, RESIDUAL=residual,
+                         TMA=channel_major is not None, CHANNEL_MAJOR=bool(channel_major))
     return [Launch(kernel, grid, args, kwargs)], (out, o, stats)
 
 

@@ -93,6 +93,56 @@ def test_core_reads_either_layout_through_strides(layout):
         assert_relative(g.cpu(), ref, 1e-5, name)
 
 
+def _tma_is_testable():
+    return not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.mark.skipif(not _tma_is_testable(), reason="TMA needs a Hopper (sm_90) or newer GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("variant, shape", [("sagan", (2, 16, 8, 6)), ("biggan", (1, 32, 8, 16))])
+def test_forward_tma_path_like_the_reference(variant, shape, dtype, monkeypatch):
+    """SAGAN_EXT_TRITON_TMA=1: the forward copies q, k, v tiles with TMA descriptors (on the CPU
+    the interpreter runs their arithmetic: a transposed channel-major descriptor, zero padding of
+    dk to DK_PAD and of the ragged tails; on a Hopper GPU the real copies). The whole block and its
+    gradients, with the TMA launch checked to have been the one taken."""
+    from sagan_ext import triton_kernels
+    monkeypatch.setenv("SAGAN_EXT_TRITON_TMA", "1")
+    taken = []
+    run = triton_kernels._run
+    monkeypatch.setattr(triton_kernels, "_run", lambda launches: (taken.extend(l.kwargs.get("TMA") for l in launches),
+                                                                   run(launches))[1])
+    inputs = attention_inputs(variant, *shape, dtype=dtype, device=DEVICE)
+    if dtype == torch.float16:
+        check_low_precision("triton", dtype, inputs)
+    else:
+        out, grads = attention_grads(inputs, "triton")
+        ref_out, ref_grads = reference_grads({k: v.detach().double().requires_grad_() for k, v in inputs.items()})
+        assert_relative(out, ref_out, 1e-4, "out")
+        assert_grads(grads, ref_grads, 1e-4)
+    assert True in taken, f"no forward launch took the TMA path ({taken})"
+
+
+@pytest.mark.parametrize("layout", ["channel-major", "position-major"])
+def test_tma_only_where_its_alignment_holds(layout):
+    """TMA needs every stride but the unit one and the base at 16 bytes: other inputs take the
+    pointer path (whatever SAGAN_EXT_TRITON_TMA says), never a misaligned descriptor."""
+    from sagan_ext import triton_kernels
+
+    def qkv(n, dk=8, dv=16):
+        proj = torch.randn(2, 2 * dk + dv, n)
+        q, k, v = proj.transpose(1, 2).split([dk, dk, dv], dim=2)
+        return (q, k, v) if layout == "channel-major" else tuple(t.contiguous() for t in (q, k, v))
+    expected = layout == "channel-major"
+    assert triton_kernels.tma_layout(*qkv(40)) is expected
+    if layout == "channel-major":
+        assert triton_kernels.tma_layout(*qkv(37)) is None  # 37 positions: 148-byte channel stride
+        assert triton_kernels.tma_layout(*(t[:, 1:] for t in qkv(40))) is None  # bases 4 bytes off
+    else:
+        assert triton_kernels.tma_layout(*qkv(40, dk=6)) is None  # 24-byte row stride
+    (forward,), _ = triton_kernels._forward_launches(*qkv(37), False, tma=True)
+    assert forward.kwargs["TMA"] is (layout == "position-major")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for the interpreter")
 def test_bfloat16_refused_under_the_interpreter():
     with pytest.raises(ValueError, match="interpreter.*bf16"):
@@ -157,7 +207,9 @@ def test_spectral_norm_gradient_of_sigma():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: under the interpreter, fake-tensor tracing "
                     "would launch the interpreted kernels on meta tensors")
-def test_opcheck_triton_ops():
+@pytest.mark.parametrize("tma", ["0", "1"])
+def test_opcheck_triton_ops(tma, monkeypatch):
+    monkeypatch.setenv("SAGAN_EXT_TRITON_TMA", tma)  # "1": TMA when run, the pointer path when traced
     q, k, v = (torch.randn(2, 20, d, device="cuda") for d in (8, 8, 24))
     torch.library.opcheck(torch.ops.sagan_ext_triton.attention_forward, (q, k, v, False))
     stats = torch.ops.sagan_ext_triton.attention_forward(q, k, v, False)[1]

@@ -24,7 +24,9 @@ The matrix (the subset that covers every code path within CI's time; the full pr
   dk 32), a tiny odd block (dk 1 padded to 16, N = 63: unaligned strides, the epilogue), and
   position-major (contiguous) q, k, v, dO once per dot kind;
 - the delta and spectral-norm kernels;
-- the attention kernels widen the batch index to int64 before the batch offsets (read from the TTIR);
+- the forward's TMA path on sm_90 (the paper block, both layouts);
+- the attention kernels widen the batch index to int64 before the batch offsets (read from the TTIR),
+  and their loops prefetch (asynchronous copies in the TTGIR) where they must (must_pipeline);
 - --quick (for the oldest supported Triton): one pruned launch of each, no sweeps.
 """
 from __future__ import annotations
@@ -87,9 +89,9 @@ def block_inputs(variant, c, h, w, dtype):
     return q, k, v, do, x, torch.ones(1, dtype=dtype)
 
 
-def attention_launches(q, k, v, do, x=None, gamma=None):
+def attention_launches(q, k, v, do, x=None, gamma=None, tma=False):
     tf32 = torch.backends.cuda.matmul.allow_tf32  # set per dtype row by main()
-    forward, (_, o, stats) = triton_kernels._forward_launches(q, k, v, tf32, x, gamma)
+    forward, (_, o, stats) = triton_kernels._forward_launches(q, k, v, tf32, x, gamma, tma=tma)
     backward, _ = triton_kernels._backward_launches(do, q, k, v, o, stats, tf32)
     return forward, backward
 
@@ -122,7 +124,7 @@ def config_name(config):
     return f"{blocks} w{config.num_warps} s{config.num_stages}"
 
 
-def launches_for(label, dtype, sweeps):
+def launches_for(label, dtype, sweeps, arch):
     """[(name, launch, every kept config?)] for one dtype."""
     big = block_inputs("sagan", 512, 64, 64, dtype)  # dk 64, dv 512, N = M = 4096
     forward, backward = attention_launches(*big)
@@ -140,6 +142,13 @@ def launches_for(label, dtype, sweeps):
         forward, backward = attention_launches(q, k, v, do)
         out += [("forward dk32 dv256 position-major", forward[0], False),
                 ("backward dk32 dv256 position-major", backward[1], False)]
+    if arch >= 90 and label != "fp32-ieee":  # the forward's TMA path (Hopper): the paper block, both layouts
+        paper = block_inputs("sagan", 256, 64, 64, dtype)
+        forward, _ = attention_launches(*paper, tma=True)
+        out.append(("forward+residual dk32 dv256 TMA", forward[0], sweeps))
+        forward, _ = attention_launches(*(t.contiguous() for t in paper[:4]), tma=True)
+        out.append(("forward dk32 dv256 position-major TMA", forward[0], False))
+        assert all(launch.kwargs["TMA"] for _, launch, _ in out[-2:]), "TMA refused the paper block"
     w = torch.randn(64, 300).to(dtype)
     u, vv = torch.randn(64), torch.randn(300)
     sn_forward, (w_sn, sigma, u32, v32) = triton_kernels._spectral_norm_forward_launches(w, u, vv, 1, 1e-12)
@@ -166,7 +175,7 @@ def main(arch: int, quick: bool) -> int:
         tensor_cores = label != "fp32-ieee"
         # fp16 compiles to the same tiles, instructions and figures as bf16 (checked with full sweeps)
         sweeps = not quick and label != "fp16"
-        for name, launch, everything in launches_for(label, dtype, sweeps):
+        for name, launch, everything in launches_for(label, dtype, sweeps, arch):
             try:
                 compiled = sweep(f"{label} {name}", launch, everything)
             except Exception as e:  # a compile error: report it with the launch, keep going
