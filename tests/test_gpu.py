@@ -137,6 +137,30 @@ def test_attention_core_kernels_match_float64(path, channel_major):
             assert _relative(got, want) < tol, (name, shape)
 
 
+@pytest.mark.parametrize("path", CUDA_PATHS)
+def test_no_queries_gives_zero_key_and_value_gradients(path):
+    """N = 0 queries (keys remain): the forward returns empty o and stats; the backward still writes
+    dK and dV, as zeros (no query attends to any key), into outputs that start as NaN."""
+    ops, (dtype, tf32, _) = _core_ops(), CUDA_PATHS[path]
+    stream = torch.cuda.current_stream().cuda_stream
+    q, k, v = (torch.randn(*shape, device="cuda", dtype=dtype) for shape in ((2, 0, 32), (2, 5, 32), (2, 5, 64)))
+    o, stats = ops.attention_forward(q, k, v, tf32, stream)
+    assert o.shape == (2, 0, 64) and stats.shape == (2, 2, 0)
+    poison_allocator()
+    dq, dk, dv = ops.attention_backward(torch.randn(2, 0, 64, device="cuda", dtype=dtype), q, k, v, o, stats, tf32, stream)
+    assert dq.shape == (2, 0, 32) and dk.shape == k.shape and dv.shape == v.shape
+    assert (dk == 0).all() and (dv == 0).all()
+
+
+def test_backward_refuses_stats_on_another_device():
+    ops = _core_ops()
+    stream = torch.cuda.current_stream().cuda_stream
+    q, k, v = (torch.randn(1, 6, d, device="cuda") for d in (8, 8, 16))
+    o, stats = ops.attention_forward(q, k, v, False, stream)
+    with pytest.raises(RuntimeError, match="stats must be on cuda"):
+        ops.attention_backward(torch.randn_like(o), q, k, v, o, stats.cpu(), False, stream)
+
+
 @pytest.mark.parametrize("path", ["tf32", "fp16", "bf16"])
 def test_deterministic_mode_is_bitwise_repeatable(path):
     """torch.use_deterministic_algorithms(True): the tensor-core backward adds dQ in key-block

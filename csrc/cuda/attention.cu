@@ -293,17 +293,18 @@ cudaError_t attention_forward(const AttentionParams& p, cudaStream_t stream) {
   });
 }
 
-// With N = 0 the backward still runs: dK and dV are then zero, and written.
+// N = 0 is refused: no query attends, so dK = dV = 0, which the caller writes (bindings.cpp) without
+// a launch; the tensor-core kernel's first copies would start at the empty q's null pointer.
 cudaError_t attention_backward(const AttentionParams& p, cudaStream_t stream) {
   if (p.batch == 0) return cudaSuccess;
-  if (p.m <= 0 || p.dv <= 0 || p.batch > 65535) return cudaErrorInvalidValue;
+  if (p.n <= 0 || p.m <= 0 || p.dv <= 0 || p.batch > 65535) return cudaErrorInvalidValue;
   if (const cudaError_t e = attention_delta(p, stream); e != cudaSuccess) return e;
   if (uses_tensor_cores(p)) return attention_backward_mma(p, stream);
   return dispatch_dk(p.dk, [&](auto dk) {
     constexpr int DK = decltype(dk)::value;
     attention_dv_kernel<float, DK><<<dim3(blocks(p.m, kThreads), p.batch, blocks(p.dv, kDvTile)), kThreads, 0, stream>>>(p);
     attention_dk_kernel<float, DK><<<dim3(blocks(p.m, kThreads), p.batch), kThreads, 0, stream>>>(p);
-    if (p.n > 0) attention_dq_kernel<float, DK><<<dim3(blocks(p.n, kThreads), p.batch), kThreads, 0, stream>>>(p);
+    attention_dq_kernel<float, DK><<<dim3(blocks(p.n, kThreads), p.batch), kThreads, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }

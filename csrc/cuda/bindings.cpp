@@ -153,6 +153,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
   TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.is_contiguous() && stats.dim() == 3 && stats.size(0) == p.batch &&
                   stats.size(1) == 2 && stats.size(2) == p.n,
               "stats must be a contiguous float32 (B, 2, N) tensor");
+  if (p.n == 0)  // no query attends to any key; nothing to launch (the kernels' copies would start at null)
+    return {at::empty(q_.sizes(), q_.options()), at::zeros(k_.sizes(), k_.options()), at::zeros(v_.sizes(), v_.options())};
   const bool tensor_cores = sagan_ext::uses_tensor_cores(p);
   const auto d_o = tensor_cores ? channel_major(d_o_) : d_o_;
   auto delta = at::empty({p.batch, p.n}, stats.options());
