@@ -55,11 +55,29 @@ def non_negative_number(name: str, value) -> Optional[str]:
 
 
 def unit_interval(name: str, value) -> Optional[str]:
-    return None if 0 <= value < 1 else f"{flag(name)} must be in [0, 1), got {value}"
+    return None if is_number(value) and 0 <= value < 1 else f"{flag(name)} must be in [0, 1), got {value!r}"
 
 
 def existing_file(name: str, value) -> Optional[str]:
+    if value is not None and not isinstance(value, str):
+        return None  # of_declared_type reports it
     return None if not value or Path(value).is_file() else f"{flag(name)} {value}: no such file"
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def of_declared_type(name: str, value, declared) -> Optional[str]:
+    """What is wrong with the type of an option's value (a config file's values arrive as written:
+    "0.99" for a number, 1 for a flag), or None. A float option takes an int too."""
+    allowed = typing.get_args(declared) if typing.get_origin(declared) is typing.Union else (declared,)
+    for kind in allowed:
+        if (value is None if kind is type(None) else isinstance(value, bool) if kind is bool
+                else is_number(value) if kind is float else isinstance(value, kind) and not isinstance(value, bool)):
+            return None
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "none"}
+    return f"{flag(name)} must be {' or '.join(words[kind] for kind in allowed)}, got {value!r}"
 
 
 def option(default, help: str, *, check: Optional[Callable[[str, Any], Optional[str]]] = None,
@@ -158,8 +176,15 @@ class TrainConfig:
         return {f.name for f in cls.fields() if f.metadata["runtime"]}
 
     def check(self) -> None:
+        """UsageError naming the first option whose value its declared check, type or choices refuse
+        (argparse checks the command line's; a config file's and a saved run's arrive as written)."""
+        types = typing.get_type_hints(TrainConfig)
         for f in self.fields():
-            problem = f.metadata["check"] and f.metadata["check"](f.name, getattr(self, f.name))
+            value = getattr(self, f.name)
+            choices = f.metadata["choices"]
+            problem = ((f.metadata["check"] and f.metadata["check"](f.name, value))
+                       or of_declared_type(f.name, value, types[f.name])
+                       or (choices and value not in choices and f"{flag(f.name)} must be one of {choices}, got {value!r}"))
             if problem:
                 raise UsageError(problem)
 

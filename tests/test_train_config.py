@@ -61,6 +61,12 @@ def test_the_command_line_and_a_config_file_set_every_option_alike(tmp_path):
     ("ema_decay", 1.0, "--ema-decay must be in [0, 1), got 1.0"),
     ("inception", "no/such/file.pt", "--inception no/such/file.pt: no such file"),
     ("keep_checkpoints", 2.5, "--keep-checkpoints must be a positive integer, got 2.5"),
+    # a config file's values arrive as written: a type or choice argparse would have refused
+    ("ema_decay", "0.99", "--ema-decay must be in [0, 1), got '0.99'"),
+    ("lr_g", True, "--lr-g must be a number, got True"),
+    ("compile", "yes", "--compile must be true or false, got 'yes'"),
+    ("inception", 5, "--inception must be a string or none, got 5"),
+    ("loss", "wgan", "--loss must be one of ['hinge', 'ns', 'wgan-gp'], got 'wgan'"),
 ])
 def test_each_declared_check_names_its_flag(option, value, message):
     TrainConfig(**{**DEFAULTS, option: DEFAULTS[option]}).check()
