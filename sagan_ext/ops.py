@@ -239,15 +239,21 @@ _OPS = [
 # what a compiled graph depends on beyond its own code: every op's signature (its schema), fake
 # implementation (output shapes, dtypes, strides) and autograd formula (what the traced backward
 # calls with what), and what those call while tracing. Not the op bodies or kernels: they run at
-# call time, never traced, and their outputs must match the fakes (opcheck, in the tests).
-_TRACED_HELPERS = [_attention_double_backward, reference.accumulation_dtype]
+# call time, never traced, and their outputs must match the fakes (opcheck, in the tests). The
+# reference module whole: the autograd formulas call it under create_graph (the attention block's
+# double backward, spectral norm's backward) and the fakes for accumulation_dtype.
+_TRACED_HELPERS = [_attention_double_backward, reference]
 
 
-def _source(fn: Callable) -> bytes:
+def _source(obj) -> bytes:
+    """A function's or module's source; without source shipped, its bytecode (line numbers too: it
+    only errs towards renaming)."""
     try:
-        return inspect.getsource(fn).encode()
-    except (OSError, TypeError):  # no source shipped: the bytecode (line numbers too: it only errs to renaming)
-        return marshal.dumps(fn.__code__)
+        return inspect.getsource(obj).encode()
+    except (OSError, TypeError):
+        if inspect.ismodule(obj):
+            return b"".join(marshal.dumps(f.__code__) for f in vars(obj).values() if inspect.isfunction(f))
+        return marshal.dumps(obj.__code__)
 
 
 def contract_fingerprint() -> str:

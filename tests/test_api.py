@@ -224,6 +224,17 @@ def test_a_warm_compile_cache_never_replays_graphs_of_another_operator_contract(
     assert again["hits"] > 0 and again["op"] == current["op"], f"the cache should serve its own graphs: {again}"
 
 
+def test_the_contract_covers_what_the_traced_formulas_call(monkeypatch):
+    """The autograd formulas call the reference module under create_graph (the attention block's
+    double backward, spectral norm's backward: a gradient penalty traces them) and the fakes call
+    it too: its source is in the contract's fingerprint, so a change there renames the ops."""
+    from sagan_ext import ops, reference
+    hashed = []
+    monkeypatch.setattr(ops, "_source", lambda obj: hashed.append(obj) or b"")
+    ops.contract_fingerprint()
+    assert reference in hashed and ops._attention_double_backward in hashed
+
+
 def test_renamed_names_still_work_and_say_their_new_names():
     """Names that meant two things were renamed; the old ones work as before, with a DeprecationWarning."""
     from sagan_ext import biggan_checkpoints, dropin, models
