@@ -34,6 +34,10 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def positive_int(name: str, value) -> Optional[str]:
     if not isinstance(value, int) or value <= 0:
         return f"{flag(name)} must be a positive integer, got {value!r}"
@@ -49,7 +53,7 @@ def one_of_image_sizes(name: str, value) -> Optional[str]:
 
 
 def non_negative_number(name: str, value) -> Optional[str]:
-    if not isinstance(value, (int, float)) or not value >= 0:
+    if not is_number(value) or not value >= 0:
         return f"{flag(name)} must be a number >= 0 (0: off), got {value!r}"
     return None
 
@@ -64,20 +68,21 @@ def existing_file(name: str, value) -> Optional[str]:
     return None if not value or Path(value).is_file() else f"{flag(name)} {value}: no such file"
 
 
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+# an option's declared type -> (what a value of it is called, whether a value is one); bool is an
+# int to Python, but not to an option; a float option takes an int too
+_TYPES = {bool: ("true or false", lambda v: isinstance(v, bool)),
+          int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+          float: ("a number", is_number), str: ("a string", lambda v: isinstance(v, str)),
+          type(None): ("none", lambda v: v is None)}
 
 
 def of_declared_type(name: str, value, declared) -> Optional[str]:
     """What is wrong with the type of an option's value (a config file's values arrive as written:
-    "0.99" for a number, 1 for a flag), or None. A float option takes an int too."""
+    "0.99" for a number, 1 for a flag), or None."""
     allowed = typing.get_args(declared) if typing.get_origin(declared) is typing.Union else (declared,)
-    for kind in allowed:
-        if (value is None if kind is type(None) else isinstance(value, bool) if kind is bool
-                else is_number(value) if kind is float else isinstance(value, kind) and not isinstance(value, bool)):
-            return None
-    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "none"}
-    return f"{flag(name)} must be {' or '.join(words[kind] for kind in allowed)}, got {value!r}"
+    if any(_TYPES[kind][1](value) for kind in allowed):
+        return None
+    return f"{flag(name)} must be {' or '.join(_TYPES[kind][0] for kind in allowed)}, got {value!r}"
 
 
 def option(default, help: str, *, check: Optional[Callable[[str, Any], Optional[str]]] = None,

@@ -274,8 +274,7 @@ int blocks(int n, int per_block) { return (n + per_block - 1) / per_block; }
 
 }  // namespace
 
-cudaError_t attention_delta(const AttentionParams& p, cudaStream_t stream) {
-  if (p.n == 0) return cudaSuccess;
+cudaError_t attention_delta(const AttentionParams& p, cudaStream_t stream) {  // N > 0: attention_backward's
   return dispatch_dtype(p.dtype, [&](auto type) {
     attention_delta_kernel<decltype(type)><<<dim3(blocks(p.n, 32), p.batch), 256, 0, stream>>>(p);
     return cudaGetLastError();
